@@ -1,0 +1,117 @@
+"""Uniform affine fake-quantizer: the building block of every recipe.
+
+``q = clamp(round(x / s) + z, qmin, qmax)``, ``x_hat = s * (q - z)``. Rounding uses a
+straight-through estimator, written so that autograd also gives the LSQ gradient with
+respect to the scale; that is what lets reconstruction recipes learn step sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from reparq.errors import ReparqError
+
+KEEP_BITS = 16  # bits >= 16 means "leave this tensor in float"
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer grid: signed ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, unsigned ``[0, 2^b-1]`` otherwise."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not (2 <= bits <= 8 or bits == KEEP_BITS):
+        raise ReparqError(f"{what} must be an integer in 2..8 (or {KEEP_BITS} to keep float), got {bits!r}")
+    return bits
+
+
+def broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of ``x``."""
+    if axis is None:
+        return [1] * x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return shape
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+class UniformQuantizer(nn.Module):
+    """Fake-quantizer with per-tensor or per-channel (any axis) scale and integer zero-point.
+
+    ``scale`` is a parameter (frozen unless a recipe makes it learnable); ``zero_point`` is a
+    buffer of integer values stored as float so it broadcasts without casts.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, channel_axis: int | None = None) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.symmetric = symmetric
+        self.channel_axis = channel_axis
+        self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.enabled = True
+        self.initialized = False
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.symmetric)[1]
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= KEEP_BITS
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Install quantization parameters (vectors for per-channel, scalars otherwise)."""
+        scale = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(-1).clone()
+        if zero_point is None:
+            zero_point = torch.zeros_like(scale)
+        zero_point = torch.as_tensor(zero_point, dtype=torch.float32).detach().reshape(-1).clone()
+        if self.symmetric and bool((zero_point != 0).any()):
+            raise ReparqError("a symmetric quantizer needs zero_point == 0")
+        if bool((scale <= 0).any()) or not bool(torch.isfinite(scale).all()):
+            raise ReparqError("quantization scales must be positive and finite")
+        self.scale = nn.Parameter(scale, requires_grad=self.scale.requires_grad)
+        self.zero_point = torch.round(zero_point)
+        self.initialized = True
+
+    def _shaped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = broadcast_shape(x, self.channel_axis)
+        if self.channel_axis is not None and self.scale.numel() not in (1, x.shape[self.channel_axis]):
+            raise ReparqError(f"quantizer has {self.scale.numel()} channel scales but the tensor has "
+                              f"{x.shape[self.channel_axis]} channels on axis {self.channel_axis}")
+        return self.scale.reshape(shape if self.scale.numel() > 1 else [1] * x.ndim), \
+            self.zero_point.reshape(shape if self.zero_point.numel() > 1 else [1] * x.ndim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.is_float:
+            return x
+        if not self.initialized:
+            raise RuntimeError("quantizer used before its range was set (run calibration first)")
+        scale, zero_point = self._shaped(x)
+        return fake_quant(x, scale, zero_point, self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers the deployed kernel sees (int32 tensor)."""
+        scale, zero_point = self._shaped(x)
+        return torch.clamp(torch.round(x / scale) + zero_point, self.qmin, self.qmax).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
+        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={gran}, enabled={self.enabled}"

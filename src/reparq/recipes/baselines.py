@@ -1,0 +1,28 @@
+"""Range-based PTQ baselines: merge -> fold BN -> insert quantizers -> set ranges. No learning."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from reparq.config import QuantConfig
+from reparq.recipes.calibrate import init_activation_ranges, init_weight_ranges
+from reparq.recipes.insert import insert_quantizers
+from reparq.recipes.prepare import prepare_for_deployment
+from reparq.recipes.registry import register_recipe
+
+
+def range_baseline(model: nn.Module, batches, config: QuantConfig, seed: int = 0, progress=None) -> nn.Module:
+    prepare_for_deployment(model)
+    insert_quantizers(model, config)
+    init_weight_ranges(model, config)
+    init_activation_ranges(model, batches, config, seed=seed, progress=progress)
+    return model
+
+
+for _name, _desc, _w, _a in (
+    ("minmax", "observed min/max ranges for weights (per channel) and activations", "minmax", "minmax"),
+    ("percentile", "99.99th-percentile activation ranges, min/max weight ranges", "minmax", "percentile"),
+    ("mse", "clipping search minimizing squared error (weights per channel, activations per tensor)", "mse", "mse"),
+    ("mae", "clipping search minimizing absolute error (RepAPQ's measure), same granularity as mse", "mae", "mae"),
+):
+    register_recipe(_name, _desc, w_estimator=_w, a_estimator=_a)(range_baseline)
