@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,7 @@ import torch.nn as nn
 from reparq.config import QuantConfig
 from reparq.errors import ReparqError
 from reparq.eval.measure import measure
+from reparq.progress import SILENT, Reporter
 
 
 @dataclass
@@ -65,21 +67,25 @@ def seed_everything(seed: int) -> None:
 
 
 def quantize(model: nn.Module, calib_data: Any, recipe: str = "mse", w_bits: int = 8, a_bits: int = 8,
-             seed: int = 0, batch_size: int = 64, progress: Callable[[int], None] | None = None,
-             **options: Any) -> nn.Module:
+             seed: int = 0, batch_size: int = 64, reporter: Reporter | None = None, **options: Any) -> nn.Module:
     """Quantize a copy of ``model`` with a named recipe; the caller's model is never modified.
 
     ``options`` are :class:`~reparq.config.QuantConfig` fields (``ignore``, ``overrides``,
-    ``keep_first_last_8bit``, ``strict``, ...). The returned model is a fake-quant
+    ``keep_first_last_8bit``, ``strict``, ...) or the recipe's own options (e.g. ``iters`` for
+    the reconstruction recipes). The returned model is a fake-quant
     ``nn.Module`` (same inputs and outputs as the original) carrying ``reparq_info``.
     """
     from reparq.recipes.registry import get_recipe
 
     spec = get_recipe(recipe)
-    unknown = sorted(set(options) - set(QuantConfig.option_names()))
+    recipe_fields = [f.name for f in dataclasses.fields(spec.options)] if spec.options else []
+    allowed = QuantConfig.option_names() + recipe_fields
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ReparqError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(QuantConfig.option_names())}")
-    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, **{**spec.defaults, **options})
+        raise ReparqError(f"unknown option(s) {', '.join(unknown)} for recipe {recipe!r}; allowed: {', '.join(allowed)}")
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits,
+                         **{**spec.defaults, **{k: v for k, v in options.items() if k not in recipe_fields}})
+    recipe_options = spec.options(**{k: v for k, v in options.items() if k in recipe_fields}) if spec.options else None
     if not isinstance(model, nn.Module):
         raise ReparqError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -89,7 +95,7 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str = "mse", w_bits: int
     seed_everything(seed)
     qmodel = copy.deepcopy(model).eval()
     with measure() as m:
-        qmodel = spec.run(qmodel, batches, config, seed=seed, progress=progress)
+        qmodel = spec.run(qmodel, batches, config, seed=seed, reporter=reporter or SILENT, options=recipe_options)
     qmodel.reparq_info = QuantInfo(recipe=recipe, config=config.to_dict(), seed=seed,
                                    calib_samples=sum(b.shape[0] for b in batches),
                                    calib_seconds=round(m.seconds, 2), peak_mem_mb=m.peak_mem_mb)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from reparq.errors import ReparqError
+from reparq.progress import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Accurate post-training quantization through reparameterization.")
@@ -30,9 +31,22 @@ def _zoo_name(model: str) -> str:
     return name
 
 
+class RichReporter(Reporter):
+    """Shows each stage (observe, reconstruct, evaluate) of each job as one rich progress bar."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.task, self.label = bar, bar.add_task("", total=1), ""
+
+    def stage(self, description: str, total: int) -> None:
+        self.bar.reset(self.task, total=max(1, total), description=f"{self.label} {description}".strip(), info="")
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.bar.update(self.task, advance=n, info=info)
+
+
 def _progress(quiet: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, disable=quiet, transient=True)
+                    TextColumn("{task.fields[info]}"), console=err_console, disable=quiet, transient=True)
 
 
 def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size: int, quiet: bool,
@@ -58,17 +72,12 @@ def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size:
     net = load_model(name)
     calib = calibration_subset(calib_size, seed=seed)
     test_x, test_y = load_fashion_mnist("test")
-    n_calib, n_eval = -(-calib.shape[0] // 64), -(-test_x.shape[0] // 500)
     with _progress(quiet or as_json) as bar:
-        task = bar.add_task(f"{name} FP", total=n_eval)
-        fp = top1(net, test_x, test_y, progress=lambda k: bar.advance(task, k))
-
-        def progress(label: str):
-            bar.reset(task, total=n_calib + n_eval, description=f"{name} {label}")
-            return lambda k: bar.advance(task, k)
-
+        reporter = RichReporter(bar)
+        reporter.label = f"{name} FP"
+        fp = top1(net, test_x, test_y, reporter=reporter)
         rows = run_grid(net, name, calib, test_x, test_y, recipes, parsed_bits, seeds=(seed,), fp=fp,
-                        progress=progress)
+                        reporter=reporter)
     rows = [fp_row(name, round(fp, 2))] + rows
     if as_json:
         print(json.dumps({"rows": rows}, indent=2))
@@ -181,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Abort:
         return 130
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        raise
+    except typer.TyperException as exc:  # usage errors: unknown flag, bad value type
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err_console.print(f"error: {exc}", highlight=False)
+        return 2
     return 0
 
 

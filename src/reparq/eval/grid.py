@@ -13,6 +13,7 @@ import torch
 
 from reparq.api import quantize
 from reparq.eval.accuracy import top1
+from reparq.progress import SILENT, Reporter
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def fp_row(model_name: str, fp: float) -> dict:
 def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_x: torch.Tensor,
              test_y: torch.Tensor, recipes: Iterable[str], bits: Iterable[Bits], seeds: Iterable[int] = (0,),
              fp: float | None = None, on_row: Callable[[dict], None] | None = None,
-             progress: Callable[[str], Callable[[int], None]] | None = None, **options) -> list[dict]:
+             reporter: Reporter = SILENT, **options) -> list[dict]:
     """Quantize ``model`` with every recipe x bits x seed; one row each (accuracy in percent)."""
     if fp is None:
         fp = top1(model, test_x, test_y)
@@ -52,10 +53,10 @@ def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_
     for recipe in recipes:
         for b in bits:
             for seed in seeds:
-                tick = progress(f"{recipe} {b} seed {seed}") if progress else None
-                qmodel = quantize(model, calib, recipe=recipe, w_bits=b.w, a_bits=b.a, seed=seed, progress=tick,
+                reporter.label = f"{model_name} {recipe} {b}"
+                qmodel = quantize(model, calib, recipe=recipe, w_bits=b.w, a_bits=b.a, seed=seed, reporter=reporter,
                                   **options)
-                acc = top1(qmodel, test_x, test_y, progress=tick)
+                acc = top1(qmodel, test_x, test_y, reporter=reporter)
                 info = qmodel.reparq_info
                 row = {"model": model_name, "method": recipe, "w_bits": b.w, "a_bits": b.a, "metric": "top1",
                        "fp": round(fp, 2), "quant": round(acc, 2), "delta": round(acc - fp, 2),

@@ -20,6 +20,10 @@ class QuantizedLayer:
     input_quantizer: UniformQuantizer
 
     def quantized_weight(self) -> torch.Tensor:
+        # While a reconstruction learns rounding, the AdaRound state decides up/down per weight.
+        rounding = self.__dict__.get("_rounding")
+        if rounding is not None and self.weight_quantizer.enabled and not self.weight_quantizer.is_float:
+            return rounding(self.weight)
         return self.weight_quantizer(self.weight)
 
     def set_quant_enabled(self, weights: bool, inputs: bool) -> None:

@@ -63,6 +63,9 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(1))
         self.enabled = True
         self.initialized = False
+        # QDrop: while > 0, each element keeps its float value with this probability.
+        self.drop_prob = 0.0
+        self.drop_generator: torch.Generator | None = None
 
     @property
     def qmin(self) -> int:
@@ -90,26 +93,33 @@ class UniformQuantizer(nn.Module):
         self.zero_point = torch.round(zero_point)
         self.initialized = True
 
-    def _shaped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = broadcast_shape(x, self.channel_axis)
-        if self.channel_axis is not None and self.scale.numel() not in (1, x.shape[self.channel_axis]):
-            raise ReparqError(f"quantizer has {self.scale.numel()} channel scales but the tensor has "
-                              f"{x.shape[self.channel_axis]} channels on axis {self.channel_axis}")
-        return self.scale.reshape(shape if self.scale.numel() > 1 else [1] * x.ndim), \
-            self.zero_point.reshape(shape if self.zero_point.numel() > 1 else [1] * x.ndim)
+    def shaped_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero-point reshaped to broadcast against ``x``."""
+        if self.scale.numel() == 1:
+            shape = [1] * x.ndim
+        elif self.channel_axis is None or self.scale.numel() != x.shape[self.channel_axis]:
+            raise ReparqError(f"quantizer has {self.scale.numel()} channel scales, which do not fit a tensor "
+                              f"of shape {tuple(x.shape)} on axis {self.channel_axis}")
+        else:
+            shape = broadcast_shape(x, self.channel_axis)
+        return self.scale.reshape(shape), self.zero_point.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.is_float:
             return x
         if not self.initialized:
             raise RuntimeError("quantizer used before its range was set (run calibration first)")
-        scale, zero_point = self._shaped(x)
-        return fake_quant(x, scale, zero_point, self.qmin, self.qmax)
+        scale, zero_point = self.shaped_params(x)
+        x_hat = fake_quant(x, scale, zero_point, self.qmin, self.qmax)
+        if self.drop_prob > 0:
+            keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
+            return torch.where(keep_float, x, x_hat)
+        return x_hat
 
     @torch.no_grad()
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         """The integers the deployed kernel sees (int32 tensor)."""
-        scale, zero_point = self._shaped(x)
+        scale, zero_point = self.shaped_params(x)
         return torch.clamp(torch.round(x / scale) + zero_point, self.qmin, self.qmax).to(torch.int32)
 
     def extra_repr(self) -> str:

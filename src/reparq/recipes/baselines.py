@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch.nn as nn
 
 from reparq.config import QuantConfig
+from reparq.progress import SILENT, Reporter
 from reparq.recipes.calibrate import init_activation_ranges, init_weight_ranges
 from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.registry import register_recipe
 
 
-def range_baseline(model: nn.Module, batches, config: QuantConfig, seed: int = 0, progress=None) -> nn.Module:
+def range_baseline(model: nn.Module, batches, config: QuantConfig, seed: int = 0, reporter: Reporter = SILENT,
+                   options: None = None) -> nn.Module:
     prepare_for_deployment(model)
     insert_quantizers(model, config)
     init_weight_ranges(model, config)
-    init_activation_ranges(model, batches, config, seed=seed, progress=progress)
+    init_activation_ranges(model, batches, config, seed=seed, reporter=reporter)
     return model
 
 

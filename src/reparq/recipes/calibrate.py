@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from reparq.config import QuantConfig
 from reparq.nn.qmodules import quantized_layers
+from reparq.progress import SILENT, Reporter
 from reparq.quant.observer import ActivationObserver
 from reparq.quant.ranges import estimate_params
 
@@ -36,18 +37,19 @@ def set_quant_enabled(model: nn.Module, weights: bool, inputs: bool) -> None:
 
 @torch.no_grad()
 def init_activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig,
-                           seed: int = 0, progress=None) -> None:
+                           seed: int = 0, reporter: Reporter = SILENT) -> None:
     """Observe every layer input on the float model over the calibration batches, then pick ranges."""
     layers = [(n, l) for n, l in quantized_layers(model) if not l.input_quantizer.is_float]
     observers = {n: ActivationObserver(config.observer_samples, seed=seed + i) for i, (n, _) in enumerate(layers)}
     hooks = [layer.register_forward_pre_hook(lambda m, args, n=n: observers[n].update(args[0]))
              for n, layer in layers]
     set_quant_enabled(model, weights=False, inputs=False)
+    batches = list(batches)
+    reporter.stage("observe activations", total=len(batches))
     try:
         for batch in batches:
             model(batch)
-            if progress is not None:
-                progress(1)
+            reporter.advance(1)
     finally:
         for h in hooks:
             h.remove()

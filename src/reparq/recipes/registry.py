@@ -10,18 +10,22 @@ from reparq.errors import ReparqError
 
 @dataclass(frozen=True)
 class Recipe:
+    """``defaults`` preset QuantConfig fields; ``options`` is the dataclass of recipe-only options
+    (e.g. reconstruction iterations), or None when the recipe has none."""
+
     name: str
     description: str
     run: Callable
     defaults: dict
+    options: type | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}
 
 
-def register_recipe(name: str, description: str, **defaults):
+def register_recipe(name: str, description: str, options: type | None = None, **defaults):
     def deco(fn: Callable) -> Callable:
-        _RECIPES[name] = Recipe(name, description, fn, defaults)
+        _RECIPES[name] = Recipe(name, description, fn, defaults, options)
         return fn
 
     return deco
@@ -40,4 +44,4 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _load_builtin() -> None:
-    from reparq.recipes import baselines  # noqa: F401  (registers on import)
+    from reparq.recipes import baselines, block_recon  # noqa: F401  (register on import)

@@ -1,0 +1,101 @@
+"""Block and stage discovery: the units that block reconstruction calibrates one at a time.
+
+Model-family knowledge is data: a table from architecture class name to glob patterns on
+module names (``*`` matches one dotted component). A user's own model is covered by passing
+``block_globs`` (and optionally ``stage_globs``). Quantized layers that no block contains (the
+stem conv of a ViT, the classifier) become single-layer units of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from reparq.errors import ReparqError
+from reparq.nn.qmodules import QuantizedLayer
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    blocks: tuple[str, ...]
+    stages: tuple[str, ...] = ()
+
+
+# Keyed by the model's class name (timm and transformers classes), so nothing is imported here.
+FAMILY_LAYOUTS: dict[str, FamilyLayout] = {
+    "ByobNet": FamilyLayout(blocks=("stem", "stages.*.*", "final_conv"), stages=("stages.*",)),
+    "VisionTransformer": FamilyLayout(blocks=("blocks.*",), stages=("blocks",)),
+    "SwinTransformer": FamilyLayout(blocks=("layers.*.downsample", "layers.*.blocks.*"), stages=("layers.*",)),
+    "BertModel": FamilyLayout(blocks=("encoder.layer.*",), stages=("encoder",)),
+    "BertForSequenceClassification": FamilyLayout(blocks=("bert.encoder.layer.*",), stages=("bert.encoder",)),
+    "LlamaModel": FamilyLayout(blocks=("layers.*",), stages=("layers",)),
+    "LlamaForCausalLM": FamilyLayout(blocks=("model.layers.*",), stages=("model.layers",)),
+}
+
+
+def glob_to_regex(pattern: str) -> re.Pattern:
+    """'stages.*.*' -> one dotted component per '*'; '**' matches any number of components."""
+    parts = []
+    for comp in pattern.split("."):
+        if comp == "**":
+            parts.append(r"[^.]+(?:\.[^.]+)*")
+        else:
+            parts.append(re.escape(comp).replace(r"\*", r"[^.]*"))
+    return re.compile(r"\.".join(parts) + r"\Z")
+
+
+def _match_any(name: str, patterns) -> bool:
+    return any(glob_to_regex(p).match(name) for p in patterns)
+
+
+@dataclass
+class Unit:
+    """One reconstruction unit: a block, or a lone quantized layer."""
+
+    name: str
+    kind: str  # "block" | "layer"
+    stage: str | None = None
+    layers: list[str] = field(default_factory=list)  # quantized layers inside, full names
+
+
+def _contains(parent: str, child: str) -> bool:
+    return parent == "" or child == parent or child.startswith(parent + ".")
+
+
+def discover_units(model: nn.Module, block_globs: tuple[str, ...] | None = None,
+                   stage_globs: tuple[str, ...] | None = None) -> list[Unit]:
+    """Blocks (by the family table or the user's globs) plus uncovered quantized layers.
+
+    Units are listed in registration order; :func:`reparq.recipes.reconstruct` re-orders them
+    by execution. Raises with a hint when no block can be found.
+    """
+    layout = FAMILY_LAYOUTS.get(type(model).__name__)
+    if block_globs is None:
+        if layout is None:
+            raise ReparqError(f"no block layout known for {type(model).__name__}; name its blocks with "
+                              f"block_globs=('layers.*',) (CLI: --blocks 'layers.*')")
+        block_globs, stage_globs = layout.blocks, layout.stages if stage_globs is None else stage_globs
+    stage_globs = tuple(stage_globs or ())
+    modules = dict(model.named_modules())
+    qlayers = [n for n, m in modules.items() if isinstance(m, QuantizedLayer)]
+    block_names = [n for n in modules if n and _match_any(n, block_globs)]
+    # Drop blocks nested inside other blocks: the outer one is the unit.
+    block_names = [b for b in block_names if not any(o != b and _contains(o, b) for o in block_names)]
+    stage_names = [n for n in modules if _match_any(n, stage_globs)]
+    units: list[Unit] = []
+    covered: set[str] = set()
+    for b in block_names:
+        inside = [q for q in qlayers if _contains(b, q)]
+        covered.update(inside)
+        stage = next((s for s in stage_names if _contains(s, b) and s != b), None)
+        if inside:  # a block without quantized layers (an Identity placeholder) has nothing to learn
+            units.append(Unit(b, "block", stage, inside))
+    if not any(u.layers for u in units):
+        raise ReparqError(f"no block with quantized layers found in {type(model).__name__} "
+                          f"(patterns {', '.join(block_globs)}); pass block_globs to name its blocks")
+    for q in qlayers:
+        if q not in covered:
+            units.append(Unit(q, "layer", None, [q]))
+    return units

@@ -1,0 +1,242 @@
+"""Block reconstruction engine (AdaRound / BRECQ / QDrop, and the base of RepAPQ's ABC).
+
+Units (blocks, or lone layers) are calibrated one at a time in execution order:
+
+1. the unit's float input and the input produced by the already-quantized prefix are
+   cached once (a prefix forward with early exit; when the unit directly consumes the
+   previous unit's output, that output is reused instead: no prefix pass at all);
+2. its learnable quantization parameters (AdaRound rounding, LSQ activation step sizes) are
+   optimized against a loss on the unit's output vs the float output;
+3. rounding is made hard, weights are written onto the grid, and the cached quantized input
+   is pushed through the finished unit to feed the next one.
+
+Memory is one unit plus its cached inputs/outputs; caches go to disk above a threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from reparq.model.blocks import Unit
+from reparq.nn.qmodules import QuantizedLayer
+from reparq.progress import SILENT, Reporter
+from reparq.quant.adaround import AdaRound, beta_schedule
+from reparq.recipes.cache import TensorCache
+
+
+@dataclass
+class ReconConfig:
+    iters: int = 300
+    batch_size: int = 32
+    loss_p: float = 2.0  # 2: squared error (BRECQ), 1: absolute error (RepAPQ)
+    round_weights: bool = True  # AdaRound
+    learn_act_scale: bool = True  # LSQ step sizes for activation quantizers inside the unit
+    drop_prob: float = 0.0  # QDrop: probability of keeping an activation in float, element-wise
+    lr_round: float = 1e-3
+    lr_act: float = 4e-5
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    cache_threshold_mb: float = 512.0
+    cache_dir: str | None = None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def unit_layers(model: nn.Module, unit: Unit) -> list[QuantizedLayer]:
+    return [model.get_submodule(n) for n in unit.layers]
+
+
+def _set_units_quant(model: nn.Module, units: list[Unit], enabled: bool) -> None:
+    for u in units:
+        for layer in unit_layers(model, u):
+            layer.set_quant_enabled(enabled, enabled)
+
+
+@torch.no_grad()
+def order_units(model: nn.Module, units: list[Unit], sample: torch.Tensor) -> tuple[list[Unit], list[bool]]:
+    """Units in execution order, and for each whether it consumes the previous unit's output as is."""
+    # Hold the tensors themselves (not their ids, which Python reuses once a tensor is freed).
+    calls: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for u in units:
+        def hook(mod, args, out, name=u.name):
+            if name not in calls and args:
+                calls[name] = (len(calls), args[0], _first(out))
+        hooks.append(model.get_submodule(u.name).register_forward_hook(hook))
+    try:
+        model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    ordered = sorted((u for u in units if u.name in calls), key=lambda u: calls[u.name][0])
+    chained = [False] + [calls[b.name][1] is calls[a.name][2] for a, b in zip(ordered, ordered[1:])]
+    return ordered, chained
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple, dict]:
+    """The unit's first positional input for every batch (early exit), plus its other args/kwargs."""
+    module = model.get_submodule(unit.name)
+    inputs: list[torch.Tensor] = []
+    extra: dict = {}
+
+    def hook(mod, args, kwargs):
+        inputs.append(args[0].detach())
+        if not extra:
+            extra["args"], extra["kwargs"] = args[1:], kwargs
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                model(b)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, extra.get("args", ()), extra.get("kwargs", {})
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """Sum over features, mean over samples (the BRECQ convention the regularizer weight assumes)."""
+    return (pred - target).abs().pow(p).flatten(1).sum(1).mean()
+
+
+@torch.no_grad()
+def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, batch_size: int) -> list[torch.Tensor]:
+    return [_first(module(x, *args, **kwargs)).detach() for x in cache.batches(batch_size)]
+
+
+class UnitTrainer:
+    """Learns one unit's rounding and activation scales; ``extra_loss`` lets recipes add terms (ABC)."""
+
+    def __init__(self, model: nn.Module, unit: Unit, cfg: ReconConfig, seed: int) -> None:
+        self.model, self.unit, self.cfg = model, unit, cfg
+        self.module = model.get_submodule(unit.name)
+        self.layers = unit_layers(model, unit)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.roundings: list[AdaRound] = []
+
+    def _setup(self) -> torch.optim.Optimizer | None:
+        groups = []
+        if self.cfg.round_weights:
+            for layer in self.layers:
+                wq = layer.weight_quantizer
+                if not wq.is_float:
+                    r = AdaRound(wq, layer.weight)
+                    layer.__dict__["_rounding"] = r
+                    self.roundings.append(r)
+            if self.roundings:
+                groups.append({"params": [r.v for r in self.roundings], "lr": self.cfg.lr_round})
+        act_scales = []
+        for layer in self.layers:
+            aq = layer.input_quantizer
+            if not aq.is_float:
+                aq.drop_prob = self.cfg.drop_prob
+                aq.drop_generator = self.gen
+                if self.cfg.learn_act_scale:
+                    aq.scale.requires_grad_(True)
+                    act_scales.append(aq.scale)
+        if act_scales:
+            groups.append({"params": act_scales, "lr": self.cfg.lr_act})
+        return torch.optim.Adam(groups) if groups else None
+
+    def train(self, q_in: TensorCache, fp_in: TensorCache, fp_out: TensorCache, args: tuple, kwargs: dict,
+              reporter: Reporter, extra_loss=None) -> dict:
+        opt = self._setup()
+        history = []
+        cfg = self.cfg
+        if opt is not None and cfg.iters > 0:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+            for step in range(cfg.iters):
+                idx = torch.randint(0, len(q_in), (min(cfg.batch_size, len(q_in)),), generator=self.gen)
+                x = q_in.take(idx)
+                if cfg.drop_prob > 0:  # QDrop also mixes the unit's input between quantized and float
+                    x = torch.where(torch.rand(x.shape, generator=self.gen) < cfg.drop_prob, fp_in.take(idx), x)
+                out = _first(self.module(x, *args, **kwargs))
+                rec = lp_loss(out, fp_out.take(idx), cfg.loss_p)
+                loss = rec
+                if extra_loss is not None:
+                    loss = loss + extra_loss(out, idx)
+                beta = beta_schedule(step, cfg.iters, cfg.warmup)
+                if beta is not None and self.roundings:
+                    loss = loss + cfg.reg_weight * sum(r.regularizer(beta) for r in self.roundings)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                for layer in self.layers:  # keep learned step sizes valid
+                    with torch.no_grad():
+                        layer.input_quantizer.scale.clamp_(min=1e-8)
+                history.append(rec.item())
+                reporter.advance(1, info=f"{self.unit.name} loss {history[-1]:.4g}")
+        else:
+            reporter.advance(cfg.iters)
+        self._finish()
+        return {"unit": self.unit.name, "loss_first": history[0] if history else None,
+                "loss_last": history[-1] if history else None, "history": history}
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        """Hard rounding, weights written onto the grid, learnable state removed."""
+        for layer in self.layers:
+            r = layer.__dict__.pop("_rounding", None)
+            if r is not None:
+                r.hard = True
+                layer.weight.data.copy_(r(layer.weight))
+            aq = layer.input_quantizer
+            aq.drop_prob, aq.drop_generator = 0.0, None
+            aq.scale.requires_grad_(False)
+
+
+def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor], cfg: ReconConfig, seed: int = 0,
+                reporter: Reporter = SILENT, make_extra_loss=None) -> list[dict]:
+    """Reconstruct every unit in execution order; the model's quantizers must already be initialized.
+
+    ``make_extra_loss(model, unit, k, ordered, fp_in_cache)`` may return an extra loss term
+    for a unit (used by RepAPQ's across-block calibration).
+    """
+    model.eval()
+    ordered, chained = order_units(model, units, batches[0][:1])
+    reporter.stage("reconstruct", total=cfg.iters * len(ordered))
+    _set_units_quant(model, ordered, False)
+    stats = []
+    q_prev_out: list[torch.Tensor] | None = None
+    fp_prev_out: list[torch.Tensor] | None = None
+    for k, unit in enumerate(ordered):
+        module = model.get_submodule(unit.name)
+        # Float input: propagated from the previous unit when chained, else captured by a prefix pass.
+        if chained[k] and fp_prev_out is not None:
+            fp_in_b, args, kwargs = fp_prev_out, *capture_inputs(model, unit, batches[:1])[1:]
+        else:
+            _set_units_quant(model, ordered[:k], False)
+            fp_in_b, args, kwargs = capture_inputs(model, unit, batches)
+            _set_units_quant(model, ordered[:k], True)
+        q_in_b = q_prev_out if (chained[k] and q_prev_out is not None) else capture_inputs(model, unit, batches)[0]
+        mk = dict(threshold_mb=cfg.cache_threshold_mb, cache_dir=cfg.cache_dir)
+        fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", **mk)
+        q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", **mk)
+        fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.batch_size * 8)
+        fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
+        _set_units_quant(model, [unit], True)
+        extra = make_extra_loss(model, unit, k, ordered, fp_in) if make_extra_loss else None
+        trainer = UnitTrainer(model, unit, cfg, seed=seed * 1000 + k)
+        stats.append(trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra))
+        fp_prev_out = fp_out_b
+        q_prev_out = run_unit(module, q_in, args, kwargs, cfg.batch_size * 8)
+        del fp_in, q_in, fp_out
+    _set_units_quant(model, ordered, True)
+    return stats
