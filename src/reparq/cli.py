@@ -96,10 +96,40 @@ def quantize(
     calib_size: int = typer.Option(1024, "--calib-size", help="calibration images from the training split"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     as_json: bool = typer.Option(False, "--json", help="print rows as JSON instead of a table"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list layers, bits, blocks and stages; calibrate nothing"),
+    blocks: str = typer.Option("", "--blocks", help="comma-separated globs naming the blocks of an unknown model"),
 ) -> None:
     """Quantize a model with one recipe and print FP vs quantized accuracy."""
+    if dry_run:
+        _dry_run(model, recipe, w_bits, a_bits, blocks, as_json)
+        return
     _run(model, [recipe], [f"{w_bits}/{a_bits}"], seed, calib_size, quiet, as_json,
          title=f"{_zoo_name(model)}: {recipe} W{w_bits}A{a_bits}")
+
+
+def _dry_run(model: str, recipe: str, w_bits: int, a_bits: int, blocks: str, as_json: bool) -> None:
+    from rich.table import Table
+
+    from reparq.config import QuantConfig
+    from reparq.recipes.plan import plan
+    from reparq.recipes.registry import get_recipe
+    from reparq.zoo import load_model
+
+    spec = get_recipe(recipe)
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, **spec.defaults)
+    globs = tuple(g.strip() for g in blocks.split(",") if g.strip()) or None
+    result = plan(load_model(_zoo_name(model)), config, block_globs=globs)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    table = Table("layer", "type", "W", "A", "unit", "stage",
+                  title=f"{_zoo_name(model)}: {len(result['layers'])} quantized layers in {len(result['units'])} units "
+                        f"({result['merged_blocks']} Rep blocks merged, {result['folded_bn']} BN folded)")
+    for r in result["layers"]:
+        table.add_row(r["layer"], r["type"], str(r["w_bits"]), str(r["a_bits"]), r["unit"], r["stage"])
+    console.print(table)
+    if result["unit_error"]:
+        err_console.print(f"note: {result['unit_error']}")
 
 
 @app.command("eval")

@@ -1,0 +1,57 @@
+"""The `reparq` command on a zoo model: the table it prints, JSON rows, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reparq.cli import main
+from reparq.zoo.registry import checkpoint_path, model_card
+
+needs_zoo = pytest.mark.skipif(not checkpoint_path("repvgg_fm").exists(), reason="zoo checkpoint not trained")
+
+
+@needs_zoo
+def test_quantize_prints_table_with_fp_and_quant_rows(capsys):
+    rc = main(["quantize", "--model", "zoo:repvgg_fm", "--recipe", "minmax", "--w-bits", "8", "--a-bits", "8",
+               "--calib-size", "128", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "repvgg_fm" in out and "minmax" in out and "W8A8" in out and "fp" in out
+    # The FP row reports the accuracy recorded in the model card.
+    assert f"{model_card('repvgg_fm')['fp_top1']:.2f}" in out
+
+
+@needs_zoo
+def test_quantize_json_rows_are_consistent(capsys):
+    rc = main(["quantize", "--model", "repvgg_fm", "--recipe", "mse", "--w-bits", "8", "--a-bits", "8",
+               "--calib-size", "128", "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rc == 0
+    fp, q = rows
+    assert fp["method"] == "fp" and q["method"] == "mse"
+    assert fp["quant"] == pytest.approx(model_card("repvgg_fm")["fp_top1"], abs=0.01)
+    assert q["delta"] == pytest.approx(q["quant"] - q["fp"], abs=0.011)
+    assert abs(q["delta"]) < 1.0  # W8A8 on a merged RepVGG with MSE ranges stays close to FP
+    assert q["calib_seconds"] > 0 and q["peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--recipe", "nope"], "unknown recipe 'nope'; choose one of"),
+    (["quantize", "--w-bits", "9"], "w_bits must be an integer in 2..8"),
+    (["quantize", "--a-bits", "1"], "a_bits must be an integer in 2..8"),
+    (["quantize", "--model", "zoo:resnet9000"], "unknown zoo model 'resnet9000'"),
+    (["quantize", "--model", "hf:bert"], "is not supported yet"),
+    (["eval", "--recipe", "mse", "--bits", "W4"], "cannot read bit widths"),
+    (["zoo", "train"], "name at least one model"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_usage_error_exit_code_2(capsys):
+    assert main(["quantize", "--no-such-flag"]) == 2

@@ -1,0 +1,173 @@
+"""Block reconstruction: AdaRound rounding, loss reduction, QDrop rate, caches, determinism, discovery errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import reparq
+from reparq.config import QuantConfig
+from reparq.errors import ReparqError
+from reparq.model.blocks import Unit, discover_units, glob_to_regex
+from reparq.nn.qmodules import quantized_layers
+from reparq.quant.adaround import AdaRound, beta_schedule
+from reparq.quant.uniform import UniformQuantizer
+from reparq.recipes.baselines import range_baseline
+from reparq.recipes.cache import TensorCache
+from reparq.recipes.reconstruct import ReconConfig, lp_loss, reconstruct
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class TinyNet(nn.Module):
+    """Plain torch: stem, two residual blocks, head. Blocks are named `blocks.0`, `blocks.1`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(8), ResBlock(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _tiny(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    return TinyNet().eval(), torch.randn(64, 1, 8, 8)
+
+
+def _calibrated(w_bits=4, a_bits=4):
+    model, x = _tiny()
+    q = range_baseline(copy.deepcopy(model), list(x.split(16)), QuantConfig(w_bits=w_bits, a_bits=a_bits,
+                                                                          w_estimator="mse", a_estimator="mse"))
+    return model, q, x
+
+
+def test_adaround_starts_at_float_weight_and_ends_on_integer_grid():
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    wq = UniformQuantizer(4, symmetric=True, channel_axis=0)
+    wq.set_params(w.abs().amax(1) / 7.5)
+    r = AdaRound(wq, w)
+    inside = (w / wq.scale[:, None] <= wq.qmax) & (w / wq.scale[:, None] >= wq.qmin)
+    assert inside.float().mean() > 0.8
+    # h(V) starts at the fractional part, so the soft weight starts at the float weight (inside the grid).
+    assert torch.allclose(r(w)[inside], w[inside], atol=1e-3)
+    with torch.no_grad():
+        r.v.add_(torch.randn_like(r.v) * 3)
+    r.hard = True
+    h = r.h()
+    assert set(h.unique().tolist()) <= {0.0, 1.0}
+    ints = r(w) / wq.scale[:, None]
+    assert torch.allclose(ints, ints.round(), atol=1e-5)
+    assert ints.round().min() >= wq.qmin and ints.round().max() <= wq.qmax
+    # Each weight is rounded either down or up from its float value: never further.
+    assert ((ints - torch.floor(w / wq.scale[:, None])).round().abs() <= 1).all()
+
+
+def test_beta_schedule_warmup_then_anneals_20_to_2():
+    assert beta_schedule(0, 100) is None and beta_schedule(19, 100) is None
+    assert beta_schedule(20, 100) == pytest.approx(20.0)
+    assert beta_schedule(99, 100) == pytest.approx(2.0, abs=0.3)
+
+
+def test_brecq_lowers_block_output_error_and_leaves_weights_on_grid():
+    model, q, x = _calibrated()
+    ref = model(x)
+    with torch.no_grad():
+        err_before = float(lp_loss(q(x), ref, 2.0))
+    units = discover_units(q, block_globs=("blocks.*",))
+    stats = reconstruct(q, units, list(x.split(16)), ReconConfig(iters=150, batch_size=16), seed=0)
+    err_after = float(lp_loss(q(x), ref, 2.0))
+    assert err_after < 0.8 * err_before, (err_before, err_after)
+    for s in stats:
+        if s["unit"].startswith("blocks"):
+            assert s["loss_last"] < s["loss_first"]
+    for _, layer in quantized_layers(q):
+        wq = layer.weight_quantizer
+        ints = layer.weight / wq.shaped_params(layer.weight)[0]
+        assert torch.allclose(ints, ints.round(), atol=1e-4)  # hard rounding was written back
+
+
+def test_qdrop_drops_at_rate_p():
+    q = UniformQuantizer(2, symmetric=False)
+    q.set_params(torch.tensor([1.0]), torch.tensor([0.0]))
+    q.drop_prob, q.drop_generator = 0.5, torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 0.3)  # quantizes to 0.0, so float-kept elements are exactly the 0.3s
+    kept = (q(x) == 0.3).float().mean().item()
+    assert kept == pytest.approx(0.5, abs=0.005)
+    q.drop_prob = 0.0
+    assert (q(x) == 0.0).all()
+
+
+def test_disk_and_memory_caches_give_identical_results(tmp_path):
+    batches = [torch.randn(10, 3, 4, 4) for _ in range(3)]
+    mem, disk = TensorCache(batches, threshold_mb=1e6), TensorCache(batches, threshold_mb=0.0, cache_dir=tmp_path)
+    assert not mem.on_disk and disk.on_disk and any(tmp_path.iterdir())
+    idx = torch.tensor([29, 0, 7, 7, 15])
+    assert torch.equal(mem.take(idx), disk.take(idx))
+    model, x = _tiny()
+    kw = dict(recipe="brecq", w_bits=4, a_bits=4, seed=3, iters=20, batch_size=16, block_globs=("blocks.*",))
+    a = reparq.quantize(model, x, cache_threshold_mb=1e6, **kw)
+    b = reparq.quantize(model, x, cache_threshold_mb=0.0, cache_dir=str(tmp_path), **kw)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("recipe", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_is_deterministic(recipe):
+    model, x = _tiny()
+    kw = dict(recipe=recipe, w_bits=4, a_bits=4, seed=1, iters=15, batch_size=16, block_globs=("blocks.*",))
+    a, b = reparq.quantize(model, x, **kw), reparq.quantize(model, x, **kw)
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_recipes_beat_their_mse_start_at_w4a4():
+    model, x = _tiny()
+    ref = model(x)
+    base = float(lp_loss(reparq.quantize(model, x, recipe="mse", w_bits=4, a_bits=4)(x), ref, 2.0))
+    for recipe in ("brecq", "qdrop"):
+        q = reparq.quantize(model, x, recipe=recipe, w_bits=4, a_bits=4, iters=150, block_globs=("blocks.*",))
+        assert float(lp_loss(q(x), ref, 2.0)) < base, recipe
+
+
+def test_unknown_model_without_blocks_suggests_globs():
+    model, x = _tiny()
+    with pytest.raises(ReparqError, match="block_globs"):
+        reparq.quantize(model, x, recipe="brecq", iters=1)
+    with pytest.raises(ReparqError, match="pass block_globs"):
+        reparq.quantize(model, x, recipe="brecq", iters=1, block_globs=("nothing.*",))
+
+
+def test_discovery_on_zoo_families_counts_units():
+    from reparq.recipes.plan import plan
+    from reparq.zoo.architectures import ARCHITECTURES
+
+    expected = {"repvgg_fm": (11, 9), "mobileone_fm": (16, 14), "deit_fm": (26, 6), "swin_fm": (19, 5)}
+    for name, (n_layers, n_blocks) in expected.items():
+        result = plan(ARCHITECTURES[name](), QuantConfig())
+        assert len(result["layers"]) == n_layers, name
+        blocks = [u for u in result["units"] if u["kind"] == "block" and u["stage"]]
+        assert len(blocks) == n_blocks, name
+        # every quantized layer belongs to exactly one unit
+        assert sorted(l for u in result["units"] for l in u["layers"]) == sorted(r["layer"] for r in result["layers"])
+
+
+def test_glob_matches_one_component_per_star():
+    assert glob_to_regex("stages.*.*").match("stages.1.2")
+    assert not glob_to_regex("stages.*").match("stages.1.2")
+    assert glob_to_regex("layers.**").match("layers.1.blocks.0")
+    assert isinstance(Unit("a", "block"), Unit)
