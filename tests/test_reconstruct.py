@@ -89,8 +89,9 @@ def test_brecq_lowers_block_output_error_and_leaves_weights_on_grid():
     with torch.no_grad():
         err_before = float(lp_loss(q(x), ref, 2.0))
     units = discover_units(q, block_globs=("blocks.*",))
-    stats = reconstruct(q, units, list(x.split(16)), ReconConfig(iters=150, batch_size=16), seed=0)
-    err_after = float(lp_loss(q(x), ref, 2.0))
+    stats = reconstruct(q, units, list(x.split(16)), ReconConfig(iters=150, recon_batch_size=16), seed=0)
+    with torch.no_grad():
+        err_after = float(lp_loss(q(x), ref, 2.0))
     assert err_after < 0.8 * err_before, (err_before, err_after)
     for s in stats:
         if s["unit"].startswith("blocks"):
@@ -119,7 +120,7 @@ def test_disk_and_memory_caches_give_identical_results(tmp_path):
     idx = torch.tensor([29, 0, 7, 7, 15])
     assert torch.equal(mem.take(idx), disk.take(idx))
     model, x = _tiny()
-    kw = dict(recipe="brecq", w_bits=4, a_bits=4, seed=3, iters=20, batch_size=16, block_globs=("blocks.*",))
+    kw = dict(recipe="brecq", w_bits=4, a_bits=4, seed=3, iters=20, recon_batch_size=16, block_globs=("blocks.*",))
     a = reparq.quantize(model, x, cache_threshold_mb=1e6, **kw)
     b = reparq.quantize(model, x, cache_threshold_mb=0.0, cache_dir=str(tmp_path), **kw)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -129,7 +130,7 @@ def test_disk_and_memory_caches_give_identical_results(tmp_path):
 @pytest.mark.parametrize("recipe", ["adaround", "brecq", "qdrop"])
 def test_reconstruction_is_deterministic(recipe):
     model, x = _tiny()
-    kw = dict(recipe=recipe, w_bits=4, a_bits=4, seed=1, iters=15, batch_size=16, block_globs=("blocks.*",))
+    kw = dict(recipe=recipe, w_bits=4, a_bits=4, seed=1, iters=15, recon_batch_size=16, block_globs=("blocks.*",))
     a, b = reparq.quantize(model, x, **kw), reparq.quantize(model, x, **kw)
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), ka

@@ -33,6 +33,9 @@ class QuantInfo:
 
 def _as_batches(calib_data: Any, batch_size: int) -> list[torch.Tensor]:
     """Accept a tensor [N, ...], or an iterable of tensors / (input, target) pairs."""
+    if isinstance(calib_data, (str, bytes)):
+        raise ReparqError("calibration data must be a tensor or an iterable of batches, not a string "
+                          "(load the files first, e.g. with reparq.data)")
     if isinstance(calib_data, torch.Tensor):
         batches = list(calib_data.split(batch_size)) if calib_data.ndim > 0 else []
     elif isinstance(calib_data, Iterable):
@@ -91,7 +94,11 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str = "mse", w_bits: int
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ReparqError(f"batch_size must be a positive integer, got {batch_size!r}")
     batches = _as_batches(calib_data, batch_size)
-    _check_model_accepts(model.eval(), batches[0])
+    was_training = model.training
+    try:
+        _check_model_accepts(model.eval(), batches[0])
+    finally:
+        model.train(was_training)
     seed_everything(seed)
     qmodel = copy.deepcopy(model).eval()
     with measure() as m:

@@ -34,13 +34,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (gzip or plain) into an array of its declared dtype and shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, OSError) as exc:  # a cut-off or corrupt gzip stream
+        raise ReparqError(f"{path}: cannot read ({exc}); reinstall the data package") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ReparqError(f"{path} is not an IDX file (bad magic number)")
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
         raise ReparqError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    if len(raw) < 4 + 4 * ndim:
+        raise ReparqError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[type_code])
     count = int(np.prod(shape)) if shape else 1

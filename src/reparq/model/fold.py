@@ -23,11 +23,12 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new conv with bias equal to ``bn(conv(x))`` in eval mode."""
     a, b = bn_scale_shift(bn)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
     fused.weight.copy_(conv.weight * a.reshape(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(a)
     fused.bias.copy_(bias * a + b)
-    return fused.to(conv.weight.device)
+    return fused
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -47,8 +48,7 @@ def fold_batchnorm(model: nn.Module) -> int:
         if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and not isinstance(module, nn.Sequential):
             module.conv = fuse_conv_bn(conv, bn)
             # timm's BatchNormAct2d applies its activation after the norm: keep it, drop the norm.
-            act = getattr(bn, "act", None)
-            drop = getattr(bn, "drop", None)
-            module.bn = nn.Sequential(*(m for m in (drop, act) if m is not None)) if (act or drop) else nn.Identity()
+            kept = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            module.bn = nn.Sequential(*kept) if kept else nn.Identity()
             folded += 1
     return folded

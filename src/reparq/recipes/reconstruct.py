@@ -31,7 +31,7 @@ from reparq.recipes.cache import TensorCache
 @dataclass
 class ReconConfig:
     iters: int = 300
-    batch_size: int = 32
+    recon_batch_size: int = 32
     loss_p: float = 2.0  # 2: squared error (BRECQ), 1: absolute error (RepAPQ)
     round_weights: bool = True  # AdaRound
     learn_act_scale: bool = True  # LSQ step sizes for activation quantizers inside the unit
@@ -129,6 +129,9 @@ class UnitTrainer:
         self.roundings: list[AdaRound] = []
 
     def _setup(self) -> torch.optim.Optimizer | None:
+        # Freeze everything first; only what is switched on below (rounding, step sizes) learns.
+        for p in self.module.parameters():
+            p.requires_grad_(False)
         groups = []
         if self.cfg.round_weights:
             for layer in self.layers:
@@ -159,10 +162,8 @@ class UnitTrainer:
         cfg = self.cfg
         if opt is not None and cfg.iters > 0:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
-            for p in self.module.parameters():
-                p.requires_grad_(False)
             for step in range(cfg.iters):
-                idx = torch.randint(0, len(q_in), (min(cfg.batch_size, len(q_in)),), generator=self.gen)
+                idx = torch.randint(0, len(q_in), (min(cfg.recon_batch_size, len(q_in)),), generator=self.gen)
                 x = q_in.take(idx)
                 if cfg.drop_prob > 0:  # QDrop also mixes the unit's input between quantized and float
                     x = torch.where(torch.rand(x.shape, generator=self.gen) < cfg.drop_prob, fp_in.take(idx), x)
@@ -229,14 +230,14 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
         mk = dict(threshold_mb=cfg.cache_threshold_mb, cache_dir=cfg.cache_dir)
         fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", **mk)
         q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", **mk)
-        fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.batch_size * 8)
+        fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.recon_batch_size * 8)
         fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
         _set_units_quant(model, [unit], True)
         extra = make_extra_loss(model, unit, k, ordered, fp_in) if make_extra_loss else None
         trainer = UnitTrainer(model, unit, cfg, seed=seed * 1000 + k)
         stats.append(trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra))
         fp_prev_out = fp_out_b
-        q_prev_out = run_unit(module, q_in, args, kwargs, cfg.batch_size * 8)
+        q_prev_out = run_unit(module, q_in, args, kwargs, cfg.recon_batch_size * 8)
         del fp_in, q_in, fp_out
     _set_units_quant(model, ordered, True)
     return stats

@@ -25,7 +25,7 @@ def environment() -> dict:
 
 
 def write_results(out_dir: str | Path, name: str, command: str, rows: list[dict], notes: str = "",
-                  extra_sections: str = "") -> tuple[Path, Path]:
+                  extra_sections: str = "", extra_columns: tuple[str, ...] = ()) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -39,7 +39,7 @@ def write_results(out_dir: str | Path, name: str, command: str, rows: list[dict]
           f"- versions: {versions}", ""]
     if notes:
         md += [notes.strip(), ""]
-    md += [markdown_table(rows), ""]
+    md += [markdown_table(rows, extra_columns), ""]
     if extra_sections:
         md += [extra_sections.strip(), ""]
     md_path = out_dir / f"{name}.md"

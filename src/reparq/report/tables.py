@@ -19,16 +19,22 @@ def _cell(row: dict, key: str) -> str:
     return "" if value is None else str(value)
 
 
-def rich_table(rows: list[dict], title: str | None = None) -> Table:
+def _columns(extra: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The standard columns, with a benchmark's own keys (e.g. ``iters``) after the bit widths."""
+    return COLUMNS[:3] + tuple((k, k) for k in extra) + COLUMNS[3:]
+
+
+def rich_table(rows: list[dict], title: str | None = None, extra: tuple[str, ...] = ()) -> Table:
     table = Table(title=title)
-    for key, header in COLUMNS:
+    for key, header in _columns(extra):
         table.add_column(header, justify="left" if key in ("model", "method", "bits") else "right")
     for row in rows:
-        table.add_row(*(_cell(row, k) for k, _ in COLUMNS))
+        table.add_row(*(_cell(row, k) for k, _ in _columns(extra)))
     return table
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+def markdown_table(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
+    cols = _columns(extra)
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r, k) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
