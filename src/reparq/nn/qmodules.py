@@ -14,10 +14,24 @@ from reparq.quant.uniform import UniformQuantizer
 
 
 class QuantizedLayer:
-    """Mixin: the two quantizers every quantized layer carries."""
+    """Mixin: the two quantizers every quantized layer carries, and construction from a float layer."""
 
     weight_quantizer: UniformQuantizer
     input_quantizer: UniformQuantizer
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, w_bits: int, a_bits: int, w_per_channel: bool = True):
+        """Wrap ``layer``'s own parameters (shared, not copied) with fresh quantizers."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.__dict__.update({k: v for k, v in layer.__dict__.items() if not k.startswith("_")})
+        q._parameters = dict(layer._parameters)
+        q._buffers = dict(layer._buffers)
+        # Weights: symmetric signed grid, per output channel (axis 0 for both Conv2d and Linear).
+        q.weight_quantizer = UniformQuantizer(w_bits, symmetric=True, channel_axis=0 if w_per_channel else None)
+        # Activations: asymmetric unsigned grid with an integer zero-point, per tensor.
+        q.input_quantizer = UniformQuantizer(a_bits, symmetric=False, channel_axis=None)
+        return q
 
     def quantized_weight(self) -> torch.Tensor:
         # While a reconstruction learns rounding, the AdaRound state decides up/down per weight.
@@ -31,39 +45,12 @@ class QuantizedLayer:
         self.input_quantizer.enabled = inputs
 
 
-def _make_quantizers(layer: nn.Module, w_bits: int, a_bits: int, w_per_channel: bool) -> None:
-    # Weights: symmetric signed grid, per output channel (axis 0 for both Conv2d and Linear).
-    layer.weight_quantizer = UniformQuantizer(w_bits, symmetric=True, channel_axis=0 if w_per_channel else None)
-    # Activations: asymmetric unsigned grid with an integer zero-point, per tensor.
-    layer.input_quantizer = UniformQuantizer(a_bits, symmetric=False, channel_axis=None)
-
-
-class QConv2d(nn.Conv2d, QuantizedLayer):
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, w_per_channel: bool = True) -> "QConv2d":
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.__dict__.update({k: v for k, v in conv.__dict__.items() if not k.startswith("_")})
-        q._parameters = dict(conv._parameters)
-        q._buffers = dict(conv._buffers)
-        _make_quantizers(q, w_bits, a_bits, w_per_channel)
-        return q
-
+class QConv2d(QuantizedLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
-class QLinear(nn.Linear, QuantizedLayer):
-    @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, w_per_channel: bool = True) -> "QLinear":
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.__dict__.update({k: v for k, v in linear.__dict__.items() if not k.startswith("_")})
-        q._parameters = dict(linear._parameters)
-        q._buffers = dict(linear._buffers)
-        _make_quantizers(q, w_bits, a_bits, w_per_channel)
-        return q
-
+class QLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
