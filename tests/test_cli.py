@@ -39,7 +39,17 @@ def test_quantize_json_rows_are_consistent(capsys):
     assert q["calib_seconds"] > 0 and q["peak_mem_mb"] > 0
 
 
+@needs_zoo
+def test_progress_display_runs_with_reconstruction_recipe(capsys):
+    """Without --quiet the rich progress bars render (a broken column would raise here)."""
+    rc = main(["quantize", "--model", "zoo:repvgg_fm", "--recipe", "brecq", "--iters", "2", "--w-bits", "8",
+               "--a-bits", "8", "--calib-size", "64"])
+    assert rc == 0
+    assert "brecq" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["quantize", "--recipe", "mse", "--iters", "5"], "apply to reconstruction recipes only"),
     (["quantize", "--recipe", "nope"], "unknown recipe 'nope'; choose one of"),
     (["quantize", "--w-bits", "9"], "w_bits must be an integer in 2..8"),
     (["quantize", "--a-bits", "1"], "a_bits must be an integer in 2..8"),

@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Accurate post-training quantization through reparameterization.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The project's own Fashion-MNIST models.")
 app.add_typer(zoo_app, name="zoo")
-console = Console()
+# Piped output has no terminal width to follow: keep result rows on one line rather than 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 DEMO_RECIPES = ("minmax", "percentile", "mse", "mae")
@@ -35,7 +36,7 @@ class RichReporter(Reporter):
     """Shows each stage (observe, reconstruct, evaluate) of each job as one rich progress bar."""
 
     def __init__(self, bar: Progress) -> None:
-        self.bar, self.task, self.label = bar, bar.add_task("", total=1), ""
+        self.bar, self.task, self.label = bar, bar.add_task("", total=1, info=""), ""
 
     def stage(self, description: str, total: int) -> None:
         self.bar.reset(self.task, total=max(1, total), description=f"{self.label} {description}".strip(), info="")
@@ -49,8 +50,25 @@ def _progress(quiet: bool) -> Progress:
                     TextColumn("{task.fields[info]}"), console=err_console, disable=quiet, transient=True)
 
 
+def _recipe_options(recipes: list[str], iters: int | None, blocks: str) -> dict:
+    """CLI flags that only reconstruction recipes take; refuse them for recipes that do not."""
+    from reparq.recipes.registry import get_recipe
+
+    options = {}
+    if iters is not None:
+        options["iters"] = iters
+    globs = tuple(g.strip() for g in blocks.split(",") if g.strip())
+    if globs:
+        options["block_globs"] = globs
+    if options:
+        plain = [r for r in recipes if get_recipe(r).options is None]
+        if plain:
+            raise ReparqError(f"--iters/--blocks apply to reconstruction recipes only, not {', '.join(plain)}")
+    return options
+
+
 def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size: int, quiet: bool,
-         as_json: bool, title: str) -> list[dict]:
+         as_json: bool, title: str, options: dict | None = None) -> list[dict]:
     import torch
 
     from reparq.data import calibration_subset, load_fashion_mnist
@@ -77,8 +95,9 @@ def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size:
         reporter.label = f"{name} FP"
         fp = top1(net, test_x, test_y, reporter=reporter)
         rows = run_grid(net, name, calib, test_x, test_y, recipes, parsed_bits, seeds=(seed,), fp=fp,
-                        reporter=reporter)
+                        reporter=reporter, **(options or {}))
     rows = [fp_row(name, round(fp, 2))] + rows
+    title += " (top-1 %, Δ vs FP)"
     if as_json:
         print(json.dumps({"rows": rows}, indent=2))
     else:
@@ -98,13 +117,14 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="print rows as JSON instead of a table"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list layers, bits, blocks and stages; calibrate nothing"),
     blocks: str = typer.Option("", "--blocks", help="comma-separated globs naming the blocks of an unknown model"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
 ) -> None:
     """Quantize a model with one recipe and print FP vs quantized accuracy."""
     if dry_run:
         _dry_run(model, recipe, w_bits, a_bits, blocks, as_json)
         return
     _run(model, [recipe], [f"{w_bits}/{a_bits}"], seed, calib_size, quiet, as_json,
-         title=f"{_zoo_name(model)}: {recipe} W{w_bits}A{a_bits}")
+         title=f"{_zoo_name(model)}: {recipe} W{w_bits}A{a_bits}", options=_recipe_options([recipe], iters, blocks))
 
 
 def _dry_run(model: str, recipe: str, w_bits: int, a_bits: int, blocks: str, as_json: bool) -> None:
@@ -141,25 +161,25 @@ def evaluate(
     calib_size: int = typer.Option(1024, "--calib-size"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
 ) -> None:
     """Evaluate a model in float, and with each recipe x bit width given."""
     recipe_list = [r.strip() for r in recipes.split(",") if r.strip()]
     _run(model, recipe_list, [b for b in bits.split(",") if b.strip()] if recipe_list else [], seed, calib_size,
-         quiet, as_json, title=f"{_zoo_name(model)} on Fashion-MNIST test (10k)")
+         quiet, as_json, title=f"{_zoo_name(model)} on Fashion-MNIST test (10k)",
+         options=_recipe_options(recipe_list, iters, ""))
 
 
 @app.command()
 def demo(
     model: str = typer.Option("zoo:repvgg_fm", "--model", "-m"),
     calib_size: int = typer.Option(1024, "--calib-size"),
+    recipes: str = typer.Option(",".join(DEMO_RECIPES), "--recipes", help="comma-separated; see `reparq recipes`"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Quantize the zoo RepVGG with every baseline at W8A8, W6A6 and W4A4 and print the table."""
-    from reparq.recipes.registry import list_recipes
-
-    recipes = [r for r in list_recipes() if r in DEMO_RECIPES] + [r for r in list_recipes() if r not in DEMO_RECIPES]
-    _run(model, recipes, list(DEMO_BITS), 0, calib_size, quiet, False,
-         title=f"reparq demo: {_zoo_name(model)} (merged) on Fashion-MNIST, top-1 %, Δ vs FP")
+    """Quantize the zoo RepVGG with every range baseline at W8A8, W6A6 and W4A4 and print the table."""
+    _run(model, [r.strip() for r in recipes.split(",") if r.strip()], list(DEMO_BITS), 0, calib_size, quiet, False,
+         title=f"reparq demo: {_zoo_name(model)} (merged) on Fashion-MNIST")
 
 
 @app.command()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from rich.table import Table
 
-COLUMNS = (("model", "model"), ("method", "method"), ("bits", "W/A"), ("fp", "FP top-1"), ("quant", "quant top-1"),
+COLUMNS = (("model", "model"), ("method", "method"), ("bits", "W/A"), ("fp", "FP"), ("quant", "quant"),
            ("delta", "Δ"), ("calib_seconds", "calib s"), ("peak_mem_mb", "peak MB"))
 
 
 def _cell(row: dict, key: str) -> str:
     if key == "bits":
-        return f"W{row['w_bits']}A{row['a_bits']}"
+        return "FP32" if row["w_bits"] >= 32 else f"W{row['w_bits']}A{row['a_bits']}"
+    if row.get("method") == "fp" and key in ("delta", "calib_seconds", "peak_mem_mb"):
+        return "-"
     value = row.get(key)
     if key == "delta" and isinstance(value, (int, float)):
         return f"{value:+.2f}"
@@ -27,7 +29,7 @@ def _columns(extra: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 def rich_table(rows: list[dict], title: str | None = None, extra: tuple[str, ...] = ()) -> Table:
     table = Table(title=title)
     for key, header in _columns(extra):
-        table.add_column(header, justify="left" if key in ("model", "method", "bits") else "right")
+        table.add_column(header, justify="left" if key in ("model", "method", "bits") else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(_cell(row, k) for k, _ in _columns(extra)))
     return table
