@@ -67,3 +67,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(argv, message, capsys):
 
 def test_usage_error_exit_code_2(capsys):
     assert main(["quantize", "--no-such-flag"]) == 2
+
+
+@needs_zoo
+def test_dry_run_lists_every_layer_with_unit_and_stage(capsys):
+    rc = main(["quantize", "--model", "zoo:repvgg_fm", "--dry-run", "--json", "--w-bits", "4", "--a-bits", "4"])
+    plan = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert plan["merged_blocks"] == 10 and len(plan["layers"]) == 11 and len(plan["units"]) == 11
+    first, last = plan["layers"][0], plan["layers"][-1]
+    assert (first["layer"], first["w_bits"], first["a_bits"]) == ("stem.reparam_conv", 8, 8)
+    assert (last["layer"], last["w_bits"]) == ("head.fc", 8)
+    middle = plan["layers"][1:-1]
+    assert all(r["w_bits"] == 4 and r["a_bits"] == 4 and r["stage"].startswith("stages.") for r in middle)
