@@ -125,6 +125,8 @@ def test_disk_and_memory_caches_give_identical_results(tmp_path):
     b = reparq.quantize(model, x, cache_threshold_mb=0.0, cache_dir=str(tmp_path), **kw)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+    disk.close()
+    assert not any(tmp_path.iterdir())  # every cache file written during reconstruction was removed
 
 
 @pytest.mark.parametrize("recipe", ["adaround", "brecq", "qdrop"])

@@ -19,6 +19,7 @@ class TensorCache:
         full = torch.cat([b.detach().float() for b in batches])
         self.shape = tuple(full.shape)
         self._tmp = None
+        self._path: Path | None = None
         if full.numel() * 4 / 2**20 > threshold_mb:
             if cache_dir is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="reparq-cache-")
@@ -29,10 +30,21 @@ class TensorCache:
             arr.flush()
             del arr
             self._data = np.load(path, mmap_mode="r")
+            self._path = path
             self.on_disk = True
         else:
             self._data = full
             self.on_disk = False
+
+    def close(self) -> None:
+        """Drop the data; a file this cache wrote is deleted."""
+        self._data = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __len__(self) -> int:
         return self.shape[0]

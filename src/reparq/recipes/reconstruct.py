@@ -62,41 +62,51 @@ def _set_units_quant(model: nn.Module, units: list[Unit], enabled: bool) -> None
             layer.set_quant_enabled(enabled, enabled)
 
 
+@dataclass
+class UnitCall:
+    """How a unit was called in a traced forward: its order, first input, output, other arguments."""
+
+    order: int
+    inp: torch.Tensor
+    out: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
 @torch.no_grad()
-def order_units(model: nn.Module, units: list[Unit], sample: torch.Tensor) -> tuple[list[Unit], list[bool]]:
-    """Units in execution order, and for each whether it consumes the previous unit's output as is."""
+def trace_units(model: nn.Module, units: list[Unit], batch: torch.Tensor) -> tuple[list[Unit], list[bool], dict]:
+    """Units in execution order; for each, whether it consumes the previous unit's output as is;
+    and each unit's call (its non-first arguments are replayed when the unit runs on cached inputs,
+    so they must not depend on the samples: true of CNN/ViT blocks, and of masks shared by a batch)."""
     # Hold the tensors themselves (not their ids, which Python reuses once a tensor is freed).
-    calls: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    calls: dict[str, UnitCall] = {}
     hooks = []
     for u in units:
-        def hook(mod, args, out, name=u.name):
+        def hook(mod, args, kwargs, out, name=u.name):
             if name not in calls and args:
-                calls[name] = (len(calls), args[0], _first(out))
-        hooks.append(model.get_submodule(u.name).register_forward_hook(hook))
+                calls[name] = UnitCall(len(calls), args[0], _first(out), args[1:], kwargs)
+        hooks.append(model.get_submodule(u.name).register_forward_hook(hook, with_kwargs=True))
     try:
-        model(sample)
+        model(batch)
     finally:
         for h in hooks:
             h.remove()
-    ordered = sorted((u for u in units if u.name in calls), key=lambda u: calls[u.name][0])
-    chained = [False] + [calls[b.name][1] is calls[a.name][2] for a, b in zip(ordered, ordered[1:])]
-    return ordered, chained
+    ordered = sorted((u for u in units if u.name in calls), key=lambda u: calls[u.name].order)
+    chained = [False] + [calls[b.name].inp is calls[a.name].out for a, b in zip(ordered, ordered[1:])]
+    return ordered, chained, calls
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple, dict]:
-    """The unit's first positional input for every batch (early exit), plus its other args/kwargs."""
+def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The unit's first positional input for every batch (the forward stops right there)."""
     module = model.get_submodule(unit.name)
     inputs: list[torch.Tensor] = []
-    extra: dict = {}
 
-    def hook(mod, args, kwargs):
+    def hook(mod, args):
         inputs.append(args[0].detach())
-        if not extra:
-            extra["args"], extra["kwargs"] = args[1:], kwargs
         raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook)
     try:
         for b in batches:
             try:
@@ -105,7 +115,7 @@ def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) ->
                 pass
     finally:
         handle.remove()
-    return inputs, extra.get("args", ()), extra.get("kwargs", {})
+    return inputs
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
@@ -211,22 +221,24 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
     for a unit (used by RepAPQ's across-block calibration).
     """
     model.eval()
-    ordered, chained = order_units(model, units, batches[0][:1])
+    _set_units_quant(model, units, False)
+    ordered, chained, calls = trace_units(model, units, batches[0])
     reporter.stage("reconstruct", total=cfg.iters * len(ordered))
-    _set_units_quant(model, ordered, False)
     stats = []
     q_prev_out: list[torch.Tensor] | None = None
     fp_prev_out: list[torch.Tensor] | None = None
     for k, unit in enumerate(ordered):
         module = model.get_submodule(unit.name)
-        # Float input: propagated from the previous unit when chained, else captured by a prefix pass.
+        args, kwargs = calls[unit.name].args, calls[unit.name].kwargs
+        # Inputs: propagated from the previous unit when chained, else captured by prefix passes
+        # (float: every quantizer off; quantized: the finished units before this one on).
         if chained[k] and fp_prev_out is not None:
-            fp_in_b, args, kwargs = fp_prev_out, *capture_inputs(model, unit, batches[:1])[1:]
+            fp_in_b, q_in_b = fp_prev_out, q_prev_out
         else:
             _set_units_quant(model, ordered[:k], False)
-            fp_in_b, args, kwargs = capture_inputs(model, unit, batches)
+            fp_in_b = capture_inputs(model, unit, batches)
             _set_units_quant(model, ordered[:k], True)
-        q_in_b = q_prev_out if (chained[k] and q_prev_out is not None) else capture_inputs(model, unit, batches)[0]
+            q_in_b = capture_inputs(model, unit, batches)
         mk = dict(threshold_mb=cfg.cache_threshold_mb, cache_dir=cfg.cache_dir)
         fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", **mk)
         q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", **mk)
@@ -238,6 +250,7 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
         stats.append(trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra))
         fp_prev_out = fp_out_b
         q_prev_out = run_unit(module, q_in, args, kwargs, cfg.recon_batch_size * 8)
-        del fp_in, q_in, fp_out
+        for cache in (fp_in, q_in, fp_out):
+            cache.close()
     _set_units_quant(model, ordered, True)
     return stats
