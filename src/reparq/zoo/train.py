@@ -40,7 +40,7 @@ class TrainRecipe:
 TRAIN_RECIPES: dict[str, TrainRecipe] = {
     "repvgg_fm": TrainRecipe(epochs=12, lr=3e-3, weight_decay=0.02),
     "repvgg_deep_fm": TrainRecipe(epochs=12, lr=3e-3, weight_decay=0.02),
-    "mobileone_fm": TrainRecipe(epochs=10, lr=3e-3, weight_decay=0.02),
+    "mobileone_fm": TrainRecipe(epochs=14, lr=3e-3, weight_decay=0.02),
     "deit_fm": TrainRecipe(epochs=14, lr=1.5e-3, weight_decay=0.05, erase_prob=0.25),
     "swin_fm": TrainRecipe(epochs=12, lr=1.5e-3, weight_decay=0.05, erase_prob=0.25),
 }
