@@ -45,14 +45,20 @@ class QuantizedLayer:
         self.input_quantizer.enabled = inputs
 
 
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        # QPRep's per-channel affine, present only between calibration and its fold.
+        affine = self._modules.get("output_affine")
+        return y if affine is None else affine(y)
+
+
 class QConv2d(QuantizedLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._output(self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
 class QLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._output(F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
 QUANTIZED_TYPES: dict[type, type] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

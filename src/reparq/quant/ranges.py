@@ -26,10 +26,11 @@ def _as_channels(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                      narrow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero-point that map [lo, hi] (widened to contain 0) onto the grid."""
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, narrow)
     eps = torch.finfo(torch.float32).eps
     if symmetric:
         scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(eps)
@@ -47,30 +48,31 @@ def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
     return (x - x_hat).abs().pow(p).mean(dim=1)
 
 
-def minmax_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None):
+def minmax_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None, narrow: bool = False):
     rows = _as_channels(x, axis)
-    return params_from_range(rows.min(dim=1).values, rows.max(dim=1).values, bits, symmetric)
+    return params_from_range(rows.min(dim=1).values, rows.max(dim=1).values, bits, symmetric, narrow)
 
 
-def percentile_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None, pct: float = 99.99):
+def percentile_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None, pct: float = 99.99,
+                      narrow: bool = False):
     rows = _as_channels(x, axis)
     q = torch.tensor([1.0 - pct / 100.0, pct / 100.0])
     if rows.shape[1] > 16_000_000:  # torch.quantile's input limit; the sample is ample
         rows = rows[:, torch.linspace(0, rows.shape[1] - 1, 16_000_000).long()]
     lo_hi = torch.quantile(rows, q, dim=1)
-    return params_from_range(lo_hi[0], lo_hi[1], bits, symmetric)
+    return params_from_range(lo_hi[0], lo_hi[1], bits, symmetric, narrow)
 
 
 def lp_search_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None, p: float = 2.0,
-                     grid: tuple[float, ...] = DEFAULT_GRID):
+                     grid: tuple[float, ...] = DEFAULT_GRID, narrow: bool = False):
     """Clipping-ratio search minimizing the Lp quantization error, independently per channel."""
     rows = _as_channels(x, axis)
     lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, narrow)
     best_err = torch.full_like(lo, float("inf"))
-    best_scale, best_zp = params_from_range(lo, hi, bits, symmetric)
+    best_scale, best_zp = params_from_range(lo, hi, bits, symmetric, narrow)
     for alpha in grid:
-        scale, zp = params_from_range(alpha * lo, alpha * hi, bits, symmetric)
+        scale, zp = params_from_range(alpha * lo, alpha * hi, bits, symmetric, narrow)
         err = quant_error(rows, scale, zp, qmin, qmax, p)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -80,12 +82,12 @@ def lp_search_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | No
 
 
 def estimate_params(x: torch.Tensor, estimator: str, bits: int, symmetric: bool, axis: int | None = None,
-                    percentile: float = 99.99, grid: tuple[float, ...] = DEFAULT_GRID):
+                    percentile: float = 99.99, grid: tuple[float, ...] = DEFAULT_GRID, narrow: bool = False):
     """Dispatch on the estimator name; see the module docstring for what each does."""
     if estimator == "minmax":
-        return minmax_params(x, bits, symmetric, axis)
+        return minmax_params(x, bits, symmetric, axis, narrow)
     if estimator == "percentile":
-        return percentile_params(x, bits, symmetric, axis, percentile)
+        return percentile_params(x, bits, symmetric, axis, percentile, narrow)
     if estimator in ESTIMATOR_P:
-        return lp_search_params(x, bits, symmetric, axis, ESTIMATOR_P[estimator], grid)
+        return lp_search_params(x, bits, symmetric, axis, ESTIMATOR_P[estimator], grid, narrow)
     raise ValueError(f"unknown range estimator {estimator!r}; choose one of {ESTIMATORS}")

@@ -20,10 +20,14 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer grid: signed ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, unsigned ``[0, 2^b-1]`` otherwise."""
+def int_range(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer grid: signed ``[-2^(b-1), 2^(b-1)-1]`` when symmetric, unsigned ``[0, 2^b-1]`` otherwise.
+
+    ``narrow`` drops the lone ``-2^(b-1)`` of the signed grid so that it is closed under negation,
+    which folding a negative per-channel gain (QPRep) into integer weights needs.
+    """
     if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
 
 
@@ -54,10 +58,12 @@ class UniformQuantizer(nn.Module):
     buffer of integer values stored as float so it broadcasts without casts.
     """
 
-    def __init__(self, bits: int = 8, symmetric: bool = False, channel_axis: int | None = None) -> None:
+    def __init__(self, bits: int = 8, symmetric: bool = False, channel_axis: int | None = None,
+                 narrow: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
+        self.narrow = narrow and symmetric
         self.channel_axis = channel_axis
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(1))
@@ -69,11 +75,11 @@ class UniformQuantizer(nn.Module):
 
     @property
     def qmin(self) -> int:
-        return int_range(self.bits, self.symmetric)[0]
+        return int_range(self.bits, self.symmetric, self.narrow)[0]
 
     @property
     def qmax(self) -> int:
-        return int_range(self.bits, self.symmetric)[1]
+        return int_range(self.bits, self.symmetric, self.narrow)[1]
 
     @property
     def is_float(self) -> bool:
@@ -124,4 +130,5 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
-        return f"bits={self.bits}, symmetric={self.symmetric}, granularity={gran}, enabled={self.enabled}"
+        narrow = ", narrow" if self.narrow else ""
+        return f"bits={self.bits}, symmetric={self.symmetric}{narrow}, granularity={gran}, enabled={self.enabled}"

@@ -26,7 +26,7 @@ def init_weight_ranges(model: nn.Module, config: QuantConfig) -> None:
         wq = layer.weight_quantizer
         if wq.is_float:
             continue
-        scale, zp = estimate_params(layer.weight, estimator, wq.bits, wq.symmetric, wq.channel_axis)
+        scale, zp = estimate_params(layer.weight, estimator, wq.bits, wq.symmetric, wq.channel_axis, narrow=wq.narrow)
         wq.set_params(scale, zp)
 
 
