@@ -1,0 +1,132 @@
+"""Save and load quantized models: safetensors (integer weights, scales, zero-points, the other
+float tensors) plus a JSON description. Loading rebuilds the deployed form directly (merge, BN
+fold, quantized layers with the saved bits) without calibration data, and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from reparq.errors import ReparqError
+from reparq.nn.qmodules import QUANTIZED_TYPES, quantized_layers
+from reparq.recipes.prepare import prepare_for_deployment
+
+FORMAT, FORMAT_VERSION = "reparq-quantized", 1
+META_FILE, TENSOR_FILE = "reparq.json", "model.safetensors"
+_INT_SUFFIX = ".weight_int"
+
+
+def _quantizer_meta(q) -> dict:
+    return {"bits": q.bits, "symmetric": q.symmetric, "narrow": q.narrow, "channel_axis": q.channel_axis,
+            "initialized": q.initialized}
+
+
+def save(qmodel: nn.Module, directory: str | Path, source: str | None = None) -> Path:
+    """Write ``directory/reparq.json`` and ``directory/model.safetensors``.
+
+    ``source`` says how to rebuild the float architecture at load time (``zoo:NAME``); without
+    it, :func:`load` needs the float model passed in.
+    """
+    from reparq import __version__
+
+    info = getattr(qmodel, "reparq_info", None)
+    if info is None:
+        raise ReparqError("only models returned by reparq.quantize can be saved")
+    layers = {}
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, layer in quantized_layers(qmodel):
+            wq = layer.weight_quantizer
+            layers[name] = {"type": type(layer).__name__, "weight": _quantizer_meta(wq),
+                            "input": _quantizer_meta(layer.input_quantizer)}
+            if not wq.is_float and wq.initialized:
+                tensors[name + _INT_SUFFIX] = wq.to_int(layer.quantized_weight()).to(torch.int8)
+    for key, value in qmodel.state_dict().items():
+        layer_name = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and layer_name + _INT_SUFFIX in tensors:
+            continue  # stored as integers
+        tensors[key] = value.detach().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "reparq_version": __version__,
+            "source": source or info.extra.get("source"), "architecture": type(qmodel).__name__,
+            "info": asdict(info), "layers": layers}
+    save_file(tensors, str(directory / TENSOR_FILE), metadata={"format": FORMAT})
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    return directory
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta_path, tensor_path = directory / META_FILE, directory / TENSOR_FILE
+    if not meta_path.exists() or not tensor_path.exists():
+        raise ReparqError(f"{directory} is not a saved reparq model (needs {META_FILE} and {TENSOR_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReparqError(f"{meta_path} is corrupt: {exc}") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ReparqError(f"{directory} holds format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                          f"this reparq reads {FORMAT!r} version {FORMAT_VERSION}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ReparqError(f"{tensor_path} is corrupt: {exc}") from exc
+    return meta, tensors
+
+
+def _restore_quantizer(q, meta: dict, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    q.narrow, q.channel_axis = meta["narrow"], meta["channel_axis"]
+    if meta["initialized"]:
+        q.set_params(scale, zero_point)
+
+
+def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved quantized model. ``model`` is the float architecture when the saved source
+    is not a zoo model (its weights are replaced by the saved ones)."""
+    from reparq.api import QuantInfo
+
+    directory = Path(directory)
+    meta, tensors = _read(directory)
+    if model is None:
+        source = meta.get("source") or ""
+        if not source.startswith("zoo:"):
+            raise ReparqError(f"{directory} does not say how to build its model; pass it: reparq.load(dir, model=...)")
+        from reparq.zoo import load_model
+
+        model = load_model(source.removeprefix("zoo:"))
+    model.eval()
+    prepare_for_deployment(model)
+    by_type = {cls.__name__: (float_cls, cls) for float_cls, cls in QUANTIZED_TYPES.items()}
+    for name, layer_meta in meta["layers"].items():
+        try:
+            float_layer = model.get_submodule(name)
+        except AttributeError:
+            raise ReparqError(f"{directory}: layer {name!r} does not exist in the given model") from None
+        float_cls, q_cls = by_type[layer_meta["type"]]
+        if type(float_layer) is not float_cls:
+            raise ReparqError(f"{directory}: layer {name!r} is {type(float_layer).__name__}, saved as {layer_meta['type']}")
+        q = q_cls.from_float(float_layer, layer_meta["weight"]["bits"], layer_meta["input"]["bits"])
+        for role in ("weight", "input"):
+            quantizer = getattr(q, f"{role}_quantizer")
+            prefix = f"{name}.{role}_quantizer."
+            _restore_quantizer(quantizer, layer_meta[role], tensors.pop(prefix + "scale"), tensors.pop(prefix + "zero_point"))
+        ints = tensors.pop(name + _INT_SUFFIX, None)
+        if ints is not None:
+            scale, _ = q.weight_quantizer.shaped_params(q.weight)
+            tensors[name + ".weight"] = ints.float() * scale.detach()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.endswith((".scale", ".zero_point"))]
+    if missing or unexpected:
+        raise ReparqError(f"{directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    info = meta["info"]
+    model.reparq_info = QuantInfo(**info)
+    return model.eval()
