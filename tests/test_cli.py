@@ -24,6 +24,27 @@ def test_quantize_prints_table_with_fp_and_quant_rows(capsys):
 
 
 @needs_zoo
+def test_quantize_save_writes_a_loadable_model(tmp_path, capsys):
+    import reparq
+
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", "zoo:repvgg_fm", "--recipe", "minmax", "--w-bits", "6", "--a-bits", "6",
+               "--calib-size", "64", "--quiet", "--json", "--save", str(out)])
+    row = json.loads(capsys.readouterr().out)["rows"][1]
+    assert rc == 0
+    from reparq.data import load_fashion_mnist
+
+    test_x, test_y = load_fashion_mnist("test")
+    assert reparq.evaluate(reparq.load(out), test_x, test_y) == pytest.approx(row["quant"], abs=0.01)
+
+
+def test_failed_quantize_writes_nothing(tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", "--recipe", "nope", "--save", str(out)]) == 2
+    assert not out.exists()
+
+
+@needs_zoo
 def test_quantize_json_rows_are_consistent(capsys):
     rc = main(["quantize", "--model", "repvgg_fm", "--recipe", "mse", "--w-bits", "8", "--a-bits", "8",
                "--calib-size", "128", "--json"])

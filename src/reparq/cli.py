@@ -68,7 +68,7 @@ def _recipe_options(recipes: list[str], iters: int | None, blocks: str) -> dict:
 
 
 def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size: int, quiet: bool,
-         as_json: bool, title: str, options: dict | None = None) -> list[dict]:
+         as_json: bool, title: str, options: dict | None = None, save_dir: str | None = None) -> list[dict]:
     import torch
 
     from reparq.data import calibration_subset, load_fashion_mnist
@@ -94,8 +94,14 @@ def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size:
         reporter = RichReporter(bar)
         reporter.label = f"{name} FP"
         fp = top1(net, test_x, test_y, reporter=reporter)
+        finished = []
         rows = run_grid(net, name, calib, test_x, test_y, recipes, parsed_bits, seeds=(seed,), fp=fp,
-                        reporter=reporter, **(options or {}))
+                        reporter=reporter, on_model=lambda row, qm: finished.append(qm), **(options or {}))
+    if save_dir:  # only once everything succeeded: nothing half-written
+        from reparq.deploy.serialize import save
+
+        save(finished[-1], save_dir, source=f"zoo:{name}")
+        err_console.print(f"saved to {save_dir}")
     rows = [fp_row(name, round(fp, 2))] + rows
     title += " (top-1 %, Δ vs FP)"
     if as_json:
@@ -118,13 +124,15 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="list layers, bits, blocks and stages; calibrate nothing"),
     blocks: str = typer.Option("", "--blocks", help="comma-separated globs naming the blocks of an unknown model"),
     iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
+    save_dir: Optional[str] = typer.Option(None, "--save", help="write the quantized model to this directory"),
 ) -> None:
     """Quantize a model with one recipe and print FP vs quantized accuracy."""
     if dry_run:
         _dry_run(model, recipe, w_bits, a_bits, blocks, as_json)
         return
     _run(model, [recipe], [f"{w_bits}/{a_bits}"], seed, calib_size, quiet, as_json,
-         title=f"{_zoo_name(model)}: {recipe} W{w_bits}A{a_bits}", options=_recipe_options([recipe], iters, blocks))
+         title=f"{_zoo_name(model)}: {recipe} W{w_bits}A{a_bits}", options=_recipe_options([recipe], iters, blocks),
+         save_dir=save_dir)
 
 
 def _dry_run(model: str, recipe: str, w_bits: int, a_bits: int, blocks: str, as_json: bool) -> None:

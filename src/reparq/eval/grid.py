@@ -45,6 +45,7 @@ def fp_row(model_name: str, fp: float) -> dict:
 def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_x: torch.Tensor,
              test_y: torch.Tensor, recipes: Iterable[str], bits: Iterable[Bits], seeds: Iterable[int] = (0,),
              fp: float | None = None, on_row: Callable[[dict], None] | None = None,
+             on_model: Callable[[dict, torch.nn.Module], None] | None = None,
              reporter: Reporter = SILENT, **options) -> list[dict]:
     """Quantize ``model`` with every recipe x bits x seed; one row each (accuracy in percent)."""
     if fp is None:
@@ -64,4 +65,6 @@ def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_
                 rows.append(row)
                 if on_row:
                     on_row(row)
+                if on_model:
+                    on_model(row, qmodel)
     return rows
