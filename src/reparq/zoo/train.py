@@ -8,6 +8,7 @@ quantization methods, not of the model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -35,14 +36,15 @@ class TrainRecipe:
     erase_prob: float = 0.0
 
 
-# CNNs converge fast with a high AdamW rate; the transformers want a lower one, stronger weight
-# decay and random erasing (they have no convolutional prior to lean on).
+# CNNs converge fast with a high AdamW rate. The transformers take a slightly lower rate; at these
+# sizes and short schedules they underfit (swin_fm with random erasing ended at train loss 0.84 and
+# 86.9% top-1), so they train without random erasing.
 TRAIN_RECIPES: dict[str, TrainRecipe] = {
     "repvgg_fm": TrainRecipe(epochs=12, lr=3e-3, weight_decay=0.02),
     "repvgg_deep_fm": TrainRecipe(epochs=12, lr=3e-3, weight_decay=0.02),
     "mobileone_fm": TrainRecipe(epochs=14, lr=3e-3, weight_decay=0.02),
-    "deit_fm": TrainRecipe(epochs=14, lr=1.5e-3, weight_decay=0.05, erase_prob=0.25),
-    "swin_fm": TrainRecipe(epochs=12, lr=1.5e-3, weight_decay=0.05, erase_prob=0.25),
+    "deit_fm": TrainRecipe(epochs=12, lr=2e-3, weight_decay=0.05),
+    "swin_fm": TrainRecipe(epochs=16, lr=2e-3, weight_decay=0.05),
 }
 
 
@@ -72,10 +74,12 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, bat
     return 100.0 * correct / images.shape[0]
 
 
-def train(name: str, epochs: int | None = None, seed: int = 0, log=print) -> dict:
+def train(name: str, epochs: int | None = None, seed: int = 0, log=print, lr: float | None = None,
+          erase_prob: float | None = None) -> dict:
     if name not in TRAIN_RECIPES:
         raise ReparqError(f"no training recipe for {name!r}; choose one of: {', '.join(TRAIN_RECIPES)}")
-    recipe = TRAIN_RECIPES[name]
+    overrides = {k: v for k, v in (("lr", lr), ("erase_prob", erase_prob)) if v is not None}
+    recipe = dataclasses.replace(TRAIN_RECIPES[name], **overrides)
     epochs = epochs or recipe.epochs
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -115,8 +119,9 @@ def train(name: str, epochs: int | None = None, seed: int = 0, log=print) -> dic
     import timm
     card = {
         "name": name, "architecture": f"reparq.zoo.architectures.{name}",
-        "command": f"python -m reparq.zoo.train {name} --epochs {epochs} --seed {seed}",
-        "seed": seed, "epochs": epochs, "recipe": recipe.__dict__, "fp_top1": round(acc, 2),
+        "command": f"python -m reparq.zoo.train {name} --epochs {epochs} --lr {recipe.lr} "
+                   f"--erase-prob {recipe.erase_prob} --seed {seed}",
+        "seed": seed, "epochs": epochs, "recipe": dataclasses.asdict(recipe) | {"epochs": epochs}, "fp_top1": round(acc, 2),
         "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds),
         "form": "training-time (unmerged branches)", "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)",
         "torch": torch.__version__, "timm": timm.__version__,
@@ -130,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", choices=sorted(TRAIN_RECIPES))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    parser.add_argument("--erase-prob", type=float, default=None, help="override the random-erasing probability")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for name in args.names:
-        train(name, args.epochs, args.seed, log=lambda m: print(m, flush=True))
+        train(name, args.epochs, args.seed, log=lambda m: print(m, flush=True), lr=args.lr, erase_prob=args.erase_prob)
     return 0
 
 
