@@ -33,6 +33,7 @@ class ReconConfig:
     iters: int = 300
     recon_batch_size: int = 32
     loss_p: float = 2.0  # 2: squared error (BRECQ), 1: absolute error (RepAPQ)
+    block_weight: float = 1.0  # weight of the unit-output term (0 leaves only extra terms, e.g. ABC's stage loss)
     round_weights: bool = True  # AdaRound
     learn_act_scale: bool = True  # LSQ step sizes for activation quantizers inside the unit
     drop_prob: float = 0.0  # QDrop: probability of keeping an activation in float, element-wise
@@ -179,7 +180,7 @@ class UnitTrainer:
                     x = torch.where(torch.rand(x.shape, generator=self.gen) < cfg.drop_prob, fp_in.take(idx), x)
                 out = _first(self.module(x, *args, **kwargs))
                 rec = lp_loss(out, fp_out.take(idx), cfg.loss_p)
-                loss = rec
+                loss = cfg.block_weight * rec
                 if extra_loss is not None:
                     loss = loss + extra_loss(out, idx)
                 beta = beta_schedule(step, cfg.iters, cfg.warmup)
@@ -217,8 +218,9 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
                 reporter: Reporter = SILENT, make_extra_loss=None) -> list[dict]:
     """Reconstruct every unit in execution order; the model's quantizers must already be initialized.
 
-    ``make_extra_loss(model, unit, k, ordered, fp_in_cache)`` may return an extra loss term
-    for a unit (used by RepAPQ's across-block calibration).
+    ``make_extra_loss(model, unit, k, ordered, fp_out_cache, args, kwargs)`` may return a
+    function ``(unit_output, sample_idx) -> loss`` added to the unit's loss (RepAPQ's
+    across-block calibration uses it for the stage-output term).
     """
     model.eval()
     _set_units_quant(model, units, False)
@@ -245,7 +247,7 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
         fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.recon_batch_size * 8)
         fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
         _set_units_quant(model, [unit], True)
-        extra = make_extra_loss(model, unit, k, ordered, fp_in) if make_extra_loss else None
+        extra = make_extra_loss(model, unit, k, ordered, fp_out, args, kwargs) if make_extra_loss else None
         trainer = UnitTrainer(model, unit, cfg, seed=seed * 1000 + k)
         stats.append(trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra))
         fp_prev_out = fp_out_b
