@@ -39,6 +39,7 @@ class ReconConfig:
     drop_prob: float = 0.0  # QDrop: probability of keeping an activation in float, element-wise
     lr_round: float = 1e-3
     lr_act: float = 4e-5
+    lr_affine: float = 1e-3  # QPRep's per-channel gain and shift, when a layer carries them
     reg_weight: float = 0.01
     warmup: float = 0.2
     cache_threshold_mb: float = 512.0
@@ -164,6 +165,12 @@ class UnitTrainer:
                     act_scales.append(aq.scale)
         if act_scales:
             groups.append({"params": act_scales, "lr": self.cfg.lr_act})
+        affines = [p for layer in self.layers if "output_affine" in layer._modules
+                   for p in layer._modules["output_affine"].parameters()]
+        for p in affines:
+            p.requires_grad_(True)
+        if affines:
+            groups.append({"params": affines, "lr": self.cfg.lr_affine})
         return torch.optim.Adam(groups) if groups else None
 
     def train(self, q_in: TensorCache, fp_in: TensorCache, fp_out: TensorCache, args: tuple, kwargs: dict,
@@ -212,6 +219,8 @@ class UnitTrainer:
             aq = layer.input_quantizer
             aq.drop_prob, aq.drop_generator = 0.0, None
             aq.scale.requires_grad_(False)
+            if "output_affine" in layer._modules:
+                layer._modules["output_affine"].requires_grad_(False)
 
 
 def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor], cfg: ReconConfig, seed: int = 0,
