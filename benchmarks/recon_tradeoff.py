@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.grid import Bits, run_grid
@@ -71,5 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     sys.exit(main())

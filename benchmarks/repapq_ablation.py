@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.grid import Bits, run_grid
@@ -54,5 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     sys.exit(main())
