@@ -42,18 +42,13 @@ def test_all_conv_and_linear_replaced():
     assert not aq.symmetric and aq.channel_axis is None
 
 
-def test_keep_first_last_8bit_true():
+@pytest.mark.parametrize("keep, expected", [
+    (True, {"0": (8, 8), "2": (4, 3), "5": (8, 8)}),
+    (False, {"0": (4, 3), "2": (4, 3), "5": (4, 3)}),
+])
+def test_keep_first_last_8bit(keep, expected):
     model = tiny_cnn()
-    bits = insert_quantizers(model, QuantConfig(w_bits=4, a_bits=3, keep_first_last_8bit=True))
-    expected = {"0": (8, 8), "2": (4, 3), "5": (8, 8)}
-    assert bits == expected
-    assert layer_bits_of(model) == expected
-
-
-def test_keep_first_last_8bit_false():
-    model = tiny_cnn()
-    bits = insert_quantizers(model, QuantConfig(w_bits=4, a_bits=3, keep_first_last_8bit=False))
-    expected = {"0": (4, 3), "2": (4, 3), "5": (4, 3)}
+    bits = insert_quantizers(model, QuantConfig(w_bits=4, a_bits=3, keep_first_last_8bit=keep))
     assert bits == expected
     assert layer_bits_of(model) == expected
 
