@@ -8,6 +8,7 @@ split; calibration uses 1024 seeded training images. Rep models are merged befor
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of other models already in the results file (run models one at a time)")
     args = parser.parse_args(argv)
     models = args.models or list_models()
     calib = calibration_subset(args.calib_size, seed=args.seed)
@@ -55,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_grid(model, name, calib, test_x, test_y, args.recipes, [Bits.parse(b) for b in BITS],
                          seeds=(args.seed,), on_row=lambda r: print(r, flush=True))
     command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    previous = args.out / f"{args.name}.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        rows = [r for r in old["rows"] if r["model"] not in models] + rows
+        rows.sort(key=lambda r: (r["model"], args.recipes.index(r["method"]) if r["method"] in args.recipes else 99))
+        command = "; ".join(dict.fromkeys(old["command"].split("; ") + [command.strip()]))
     notes = ("Top-1 (%) on the Fashion-MNIST test split (10k). Calibration: 1024 training images, seed "
              f"{args.seed}. First and last layer kept at 8 bits. Weights per output channel (symmetric), "
              "activations per tensor (asymmetric). Rep models merged before quantization. calib_seconds and "
