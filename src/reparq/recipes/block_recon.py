@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import torch.nn as nn
 
 from reparq.config import QuantConfig
+from reparq.errors import ReparqError
 from reparq.model.blocks import Unit, discover_units
 from reparq.nn.qmodules import quantized_layers
 from reparq.progress import SILENT, Reporter
@@ -33,8 +34,18 @@ def recon_config(options: ReconOptions, **forced) -> ReconConfig:
     return ReconConfig(**values)
 
 
-def layer_units(model: nn.Module) -> list[Unit]:
-    return [Unit(name, "layer", None, [name]) for name, _ in quantized_layers(model)]
+def layer_units(model: nn.Module, block_globs: tuple[str, ...] | None = None) -> list[Unit]:
+    """AdaRound's units: one quantized layer each, *including its activation function* where the
+    model's block structure shows it (a block holding a single quantized layer, e.g. a merged
+    RepVGG/MobileOne block = conv + ReLU), as the AdaRound paper's ``||f(Wx) - f(W~x~)||``.
+
+    Without the activation, the loss of a merged RepVGG conv is dominated by large negative
+    pre-activations that ReLU discards (W6A6 zoo RepVGG: 81.4% vs 89.8% without learning)."""
+    try:
+        blocks = {u.layers[0]: u for u in discover_units(model, block_globs) if u.kind == "block" and len(u.layers) == 1}
+    except ReparqError:
+        blocks = {}
+    return [blocks.get(name, Unit(name, "layer", None, [name])) for name, _ in quantized_layers(model)]
 
 
 def _recon_recipe(layerwise: bool, drop_prob: float, learn_act_scale: bool):
@@ -42,7 +53,7 @@ def _recon_recipe(layerwise: bool, drop_prob: float, learn_act_scale: bool):
             options: ReconOptions | None = None) -> nn.Module:
         options = options or ReconOptions()
         model = range_baseline(model, batches, config, seed=seed, reporter=reporter)
-        units = layer_units(model) if layerwise else discover_units(model, options.block_globs, options.stage_globs)
+        units = layer_units(model, options.block_globs) if layerwise else discover_units(model, options.block_globs, options.stage_globs)
         cfg = recon_config(options, drop_prob=drop_prob, learn_act_scale=learn_act_scale)
         model.reparq_recon_stats = reconstruct(model, units, batches, cfg, seed=seed, reporter=reporter)
         return model
