@@ -1,74 +1,119 @@
-"""Range-based PTQ baselines on every zoo model: {minmax, percentile, mse, mae} x {W8A8, W6A6, W4A8, W4A4}.
+"""PTQ baselines on every zoo model: range baselines and block reconstruction, {W8A8, W6A6, W4A8, W4A4}.
 
 Run: ``.venv/bin/python benchmarks/ptq_baselines.py`` (or ``make bench``); writes
 benchmarks/results/ptq_baselines.{md,json}. Accuracy is top-1 on the 10k Fashion-MNIST test
 split; calibration uses 1024 seeded training images. Rep models are merged before quantization.
+
+The run is resumable and incremental: the results file is rewritten after every row, rows
+already present (same model, recipe, bits, seed and the same FP accuracy, i.e. the same
+checkpoint) are kept and not re-run, so a long grid can be run in pieces (``--models``,
+``--recipes``, ``--seeds``) and survives interruption.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
-
 from reparq.data import calibration_subset, load_fashion_mnist
+from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
 from reparq.report.results import write_results
 from reparq.zoo import list_models, load_model
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = ("minmax", "percentile", "mse", "mae")
+RANGE_RECIPES = ("minmax", "percentile", "mse", "mae")
 RECON_RECIPES = ("adaround", "brecq", "qdrop")
+RECIPE_ORDER = RANGE_RECIPES + RECON_RECIPES + ("repapq", "repqvit", "repquant")
 BITS = ("W8A8", "W6A6", "W4A8", "W4A4")
 
 
-def summary(rows: list[dict], recipes: tuple[str, ...]) -> str:
-    """W4A4 drop per model and recipe, the headline of this table."""
-    models = sorted({r["model"] for r in rows})
-    lines = ["## W4A4 drop vs FP (points)", "", "| model | FP | " + " | ".join(recipes) + " |",
-             "|---|---|" + "---|" * len(recipes)]
-    for m in models:
-        cells = {r["method"]: r for r in rows if r["model"] == m and r["w_bits"] == 4 and r["a_bits"] == 4}
+def _key(r: dict) -> tuple:
+    return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["seed"])
+
+
+def _sort_key(r: dict) -> tuple:
+    order = RECIPE_ORDER.index(r["method"]) if r["method"] in RECIPE_ORDER else len(RECIPE_ORDER)
+    return (r["model"], order, -r["w_bits"], -r["a_bits"], r["seed"] if r["seed"] is not None else -1)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summary(rows: list[dict], bits: str = "W4A4") -> str:
+    """Drop per model and recipe at one bit width (mean ± std over seeds where there are several)."""
+    b = Bits.parse(bits)
+    recipes = [m for m in RECIPE_ORDER if any(r["method"] == m for r in rows)]
+    lines = [f"## {bits} drop vs FP (points; mean ± std over seeds where several)", "",
+             "| model | FP | " + " | ".join(recipes) + " |", "|---|---|" + "---|" * len(recipes)]
+    for m in sorted({r["model"] for r in rows}):
         fp = next(r["fp"] for r in rows if r["model"] == m)
-        lines.append(f"| {m} | {fp:.2f} | " + " | ".join(f"{cells[k]['delta']:+.2f}" if k in cells else "-"
-                                                      for k in recipes) + " |")
+        cells = []
+        for k in recipes:
+            deltas = [r["delta"] for r in rows if r["model"] == m and r["method"] == k
+                      and r["w_bits"] == b.w and r["a_bits"] == b.a]
+            cells.append(mean_std(deltas) if deltas else "-")
+        lines.append(f"| {m} | {fp:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+NOTES = ("Top-1 (%) on the Fashion-MNIST test split (10k). Calibration: 1024 training images (the seed picks "
+         "the subset and seeds the recipe). First and last layer kept at 8 bits. Weights per output channel "
+         "(symmetric), activations per tensor (asymmetric). Rep models merged before quantization. Reconstruction "
+         "recipes at their defaults (300 iterations per unit, batch 32). calib_seconds and peak_mem_mb are wall "
+         "time and peak RSS of the calibration on a shared 2-core machine (noisy).")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=None, help="zoo models (default: all trained)")
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES),
-                        help=f"default: the range baselines; add {' '.join(RECON_RECIPES)} for reconstruction")
+    parser.add_argument("--recipes", nargs="*", default=list(RANGE_RECIPES + RECON_RECIPES))
+    parser.add_argument("--bits", nargs="*", default=list(BITS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--name", default="ptq_baselines", help="results file name")
     parser.add_argument("--calib-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of other models already in the results file (run models one at a time)")
     args = parser.parse_args(argv)
     models = args.models or list_models()
-    calib = calibration_subset(args.calib_size, seed=args.seed)
     test_x, test_y = load_fashion_mnist("test")
-    rows: list[dict] = []
+    path = args.out / f"{args.name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+    rows: list[dict] = old["rows"]
+    command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    commands = [c for c in old["command"].split("; ") if c] + [command.strip()]
+    command = "; ".join(dict.fromkeys(commands))
+
+    def save() -> None:
+        rows.sort(key=_sort_key)
+        write_results(args.out, args.name, command, rows, NOTES,
+                      "\n\n".join(summary(rows, b) for b in ("W4A4", "W6A6")))
+
     for name in models:
         model = load_model(name)
-        rows += run_grid(model, name, calib, test_x, test_y, args.recipes, [Bits.parse(b) for b in BITS],
-                         seeds=(args.seed,), on_row=lambda r: print(r, flush=True))
-    command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    previous = args.out / f"{args.name}.json"
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        rows = [r for r in old["rows"] if r["model"] not in models] + rows
-        rows.sort(key=lambda r: (r["model"], args.recipes.index(r["method"]) if r["method"] in args.recipes else 99))
-        command = "; ".join(dict.fromkeys(old["command"].split("; ") + [command.strip()]))
-    notes = ("Top-1 (%) on the Fashion-MNIST test split (10k). Calibration: 1024 training images, seed "
-             f"{args.seed}. First and last layer kept at 8 bits. Weights per output channel (symmetric), "
-             "activations per tensor (asymmetric). Rep models merged before quantization. calib_seconds and "
-             "peak_mem_mb are wall time and peak RSS of the calibration on a shared 2-core machine (noisy).")
-    write_results(args.out, args.name, command.strip(), rows, notes, summary(rows, tuple(args.recipes)))
+        fp = round(top1(model, test_x, test_y), 2)
+        stale = [r for r in rows if r["model"] == name and r["fp"] != fp]
+        if stale:  # the checkpoint changed since these rows were measured
+            print(f"{name}: dropping {len(stale)} rows measured on another checkpoint", flush=True)
+            rows[:] = [r for r in rows if not (r["model"] == name and r["fp"] != fp)]
+        done = {_key(r) for r in rows}
+        for seed in args.seeds:
+            calib = calibration_subset(args.calib_size, seed=seed)
+            for recipe in args.recipes:
+                for b in args.bits:
+                    bits = Bits.parse(b)
+                    if (name, recipe, bits.w, bits.a, seed) in done:
+                        continue
+                    new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp)
+                    print(new[0], flush=True)
+                    rows.extend(new)
+                    save()
+    save()
     return 0
 
 

@@ -7,6 +7,7 @@ benchmarks/results/repapq_ablation.{md,json}. Top-1 on the 10k test split, 1024 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,9 @@ VARIANTS = {
     "repapq-no_qprep": {"qprep": False},
     "repapq-no_abc": {"abc": False},
     "repapq-mse_loss": {"loss_p": 2.0, "a_estimator": "mse"},
+    "repapq-lambda0.3": {"abc_lambda": 0.3},
+    "repapq-lambda3": {"abc_lambda": 3.0},
+    "repapq-quantized_tail": {"quantized_tail": True},
 }
 
 
@@ -37,19 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_subset(1024, seed=0)
     test_x, test_y = load_fashion_mnist("test")
     model = load_model(args.model)
-    rows = []
-    for variant in args.variants:
-        for r in run_grid(model, args.model, calib, test_x, test_y, ["repapq"], [Bits.parse(b) for b in args.bits],
-                          iters=args.iters, **VARIANTS[variant]):
-            r["method"], r["iters"] = variant, args.iters
-            print(r, flush=True)
-            rows.append(r)
+    path = args.out / "repapq_ablation.json"
+    # Incremental and resumable: rows already measured (same variant, bits, iterations) are kept.
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    done = {(r["model"], r["method"], r["w_bits"], r["a_bits"], r["iters"]) for r in rows}
     command = "python benchmarks/repapq_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for variant in args.variants:
+        for b in args.bits:
+            bits = Bits.parse(b)
+            if (args.model, variant, bits.w, bits.a, args.iters) in done:
+                continue
+            for r in run_grid(model, args.model, calib, test_x, test_y, ["repapq"], [bits],
+                              iters=args.iters, **VARIANTS[variant]):
+                r["method"], r["iters"] = variant, args.iters
+                print(r, flush=True)
+                rows.append(r)
+            _write(args.out, command, rows)
+    _write(args.out, command, rows)
+    return 0
+
+
+def _write(out: Path, command: str, rows: list[dict]) -> None:
     notes = ("Variants of the repapq recipe (seed 0): `repapq` = MSE weight ranges, MAE activation ranges, L1 loss, "
              "QPRep, across-block calibration (lambda 1, float stage tail), AdaRound rounding and activation step "
-             "sizes; each other row changes one thing. Single seed: read differences of a point or two as noise.")
-    write_results(args.out, "repapq_ablation", command.strip(), rows, notes, extra_columns=("iters",))
-    return 0
+             "sizes; each other row changes one thing (lambdaX: ABC weight X; quantized_tail: the stage tail runs quantized instead of float). Single seed: read differences of a point or two as noise.")
+    write_results(out, "repapq_ablation", command.strip(), rows, notes, extra_columns=("iters",))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Regenerate the README's tables from the committed cards and benchmark results.
+
+Run: ``.venv/bin/python benchmarks/readme_tables.py``. Each table lives between
+``<!-- BEGIN name -->`` and ``<!-- END name -->`` in README.md, so the figures the README quotes
+are always the ones in ``benchmarks/results/`` and ``src/reparq/zoo/checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CARDS = ROOT / "src" / "reparq" / "zoo" / "checkpoints"
+TARGETS = {"repvgg_fm": 92.0, "repvgg_deep_fm": 92.0, "mobileone_fm": 92.0, "deit_fm": 89.0, "swin_fm": 89.0}
+CLASSES = {"repvgg_fm": "ByobNet (RepVGG blocks)", "repvgg_deep_fm": "ByobNet (RepVGG blocks, deeper)",
+           "mobileone_fm": "ByobNet (MobileOne, 4 kxk branches)", "deit_fm": "VisionTransformer (avg pool)",
+           "swin_fm": "SwinTransformer"}
+ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repapq", "repqvit", "repquant")
+
+
+def zoo_table() -> str:
+    lines = ["| model | timm class | params | FP top-1 | target | train CPU time | command |",
+             "|---|---|---|---|---|---|---|"]
+    for path in sorted(CARDS.glob("*.json")):
+        c = json.loads(path.read_text())
+        n = c["name"]
+        if n not in TARGETS:
+            continue
+        ok = "met" if c["fp_top1"] >= TARGETS[n] else f"**missed by {TARGETS[n] - c['fp_top1']:.2f}**"
+        cpu = c.get("train_cpu_seconds", c["train_seconds"])
+        lines.append(f"| {n} | {CLASSES.get(n, '')} | {c['params']:,} | {c['fp_top1']:.2f} | ≥{TARGETS[n]:g} ({ok}) | "
+                     f"{cpu / 60:.0f} min | `{c['command']}` |")
+    return "\n".join(lines)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def drop_table(name: str, bits: tuple[str, ...]) -> str:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return "(not measured yet)"
+    rows = json.loads(path.read_text())["rows"]
+    recipes = [m for m in ORDER if any(r["method"] == m for r in rows)]
+    lines = ["| model | W/A | FP | " + " | ".join(recipes) + " |", "|---|---|---|" + "---|" * len(recipes)]
+    for model in sorted({r["model"] for r in rows}):
+        fp = next(r["fp"] for r in rows if r["model"] == model)
+        for b in bits:
+            w, a = (int(v) for v in b[1:].split("A"))
+            cells = []
+            for m in recipes:
+                sel = [r for r in rows if r["model"] == model and r["method"] == m and r["w_bits"] == w and r["a_bits"] == a]
+                cells.append(_cell([r["delta"] for r in sel]))
+            lines.append(f"| {model} | {b} | {fp:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table() -> str:
+    path = RESULTS / "repapq_ablation.json"
+    if not path.exists():
+        return "(not measured yet)"
+    rows = json.loads(path.read_text())["rows"]
+    variants = list(dict.fromkeys(r["method"] for r in rows))
+    bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
+    lines = ["| variant | " + " | ".join(f"W{w}A{a} Δ" for w, a in bits) + " |", "|---|" + "---|" * len(bits)]
+    for v in variants:
+        cells = [_cell([r["delta"] for r in rows if r["method"] == v and (r["w_bits"], r["a_bits"]) == b]) for b in bits]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {
+    "zoo": zoo_table,
+    "ptq": lambda: drop_table("ptq_baselines", ("W8A8", "W6A6", "W4A8", "W4A4")),
+    "repapq_ablation": ablation_table,
+}
+
+
+def main() -> int:
+    readme = (ROOT / "README.md").read_text()
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.S)
+        if pattern.search(readme):
+            readme = pattern.sub(lambda m: m.group(1) + make() + m.group(2), readme)
+    (ROOT / "README.md").write_text(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
