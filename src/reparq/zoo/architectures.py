@@ -54,12 +54,13 @@ def mobileone_fm() -> nn.Module:
 
 def deit_fm() -> nn.Module:
     return VisionTransformer(img_size=IMG_SIZE, patch_size=4, in_chans=IN_CHANS, num_classes=NUM_CLASSES,
-                             embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.0, drop_path_rate=0.05)
+                             embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0, drop_path_rate=0.05,
+                             global_pool="avg", class_token=False)
 
 
 def swin_fm() -> nn.Module:
     return SwinTransformer(img_size=IMG_SIZE, patch_size=2, in_chans=IN_CHANS, num_classes=NUM_CLASSES,
-                           window_size=7, embed_dim=48, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2.0,
+                           window_size=7, embed_dim=32, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2.0,
                            drop_path_rate=0.05)
 
 
