@@ -83,35 +83,40 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or list_models()
     test_x, test_y = load_fashion_mnist("test")
     path = args.out / f"{args.name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-    rows: list[dict] = old["rows"]
+
+    def on_disk() -> dict:
+        return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+
     command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    commands = [c for c in old["command"].split("; ") if c] + [command.strip()]
-    command = "; ".join(dict.fromkeys(commands))
+    mine: list[dict] = []  # rows measured by this run
+    fps: dict[str, float] = {}
 
     def save() -> None:
+        # Several runs (other models, recipes or seeds) may write the same file at once: merge this
+        # run's rows into what is on disk now. Rows of a model measured on another checkpoint (other
+        # FP accuracy) are dropped.
+        old = on_disk()
+        keys = {_key(r) for r in mine}
+        rows = [r for r in old["rows"] if _key(r) not in keys and fps.get(r["model"], r["fp"]) == r["fp"]] + mine
         rows.sort(key=_sort_key)
-        write_results(args.out, args.name, command, rows, NOTES,
+        commands = [c for c in old["command"].split("; ") if c] + [command.strip()]
+        write_results(args.out, args.name, "; ".join(dict.fromkeys(commands)), rows, NOTES,
                       "\n\n".join(summary(rows, b) for b in ("W4A4", "W6A6")))
 
     for name in models:
         model = load_model(name)
-        fp = round(top1(model, test_x, test_y), 2)
-        stale = [r for r in rows if r["model"] == name and r["fp"] != fp]
-        if stale:  # the checkpoint changed since these rows were measured
-            print(f"{name}: dropping {len(stale)} rows measured on another checkpoint", flush=True)
-            rows[:] = [r for r in rows if not (r["model"] == name and r["fp"] != fp)]
-        done = {_key(r) for r in rows}
+        fp = fps[name] = round(top1(model, test_x, test_y), 2)
         for seed in args.seeds:
             calib = calibration_subset(args.calib_size, seed=seed)
             for recipe in args.recipes:
                 for b in args.bits:
                     bits = Bits.parse(b)
+                    done = {_key(r) for r in on_disk()["rows"] if r["fp"] == fp} | {_key(r) for r in mine}
                     if (name, recipe, bits.w, bits.a, seed) in done:
                         continue
                     new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp)
                     print(new[0], flush=True)
-                    rows.extend(new)
+                    mine.extend(new)
                     save()
     save()
     return 0
