@@ -9,6 +9,7 @@ by the same code.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from reparq.quant.log import LogQuantizer
@@ -26,6 +27,26 @@ class MatmulQuantizers(nn.Module):
         # Baselines quantize the probabilities on a uniform grid (what they would do to any tensor);
         # RepQ-ViT / RepQuant use the log grid.
         self.probs = UniformQuantizer(a_bits, symmetric=False) if probs_uniform else LogQuantizer(a_bits, probs_base)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch all four quantizers (calibration passes observe the float model with them off)."""
+        for q in (self.q, self.k, self.v, self.probs):
+            q.enabled = enabled
+
+    def uniform_quantizers(self) -> list[tuple[str, UniformQuantizer]]:
+        """The members whose ranges come from data (the log grid of the probabilities needs none)."""
+        return [(n, q) for n, q in (("q", self.q), ("k", self.k), ("v", self.v), ("probs", self.probs))
+                if isinstance(q, UniformQuantizer)]
+
+    def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``probs @ v`` with both inputs quantized. A probabilities quantizer that has its own
+        ``matmul`` (the deployed log2-with-parity form, :mod:`reparq.quant.log_reparam`) computes
+        the product itself, in the form an integer kernel runs."""
+        v = self.v(v)
+        matmul = getattr(self.probs, "matmul", None)
+        if matmul is not None and self.probs.enabled:
+            return matmul(probs, v)
+        return self.probs(probs) @ v
 
 
 def matmul_quantizers(model: nn.Module) -> list[tuple[str, MatmulQuantizers]]:

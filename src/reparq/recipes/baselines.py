@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from reparq.config import QuantConfig
+from reparq.model.attention_adapters import adapt_attention
 from reparq.progress import SILENT, Reporter
 from reparq.recipes.calibrate import init_activation_ranges, init_weight_ranges
 from reparq.recipes.insert import insert_quantizers
@@ -16,6 +17,9 @@ def range_baseline(model: nn.Module, batches, config: QuantConfig, seed: int = 0
                    options: None = None) -> nn.Module:
     prepare_for_deployment(model)
     insert_quantizers(model, config)
+    # Attention matmul inputs too (q, k, v, probabilities on a uniform grid): a baseline that left
+    # them in float would not be comparable with the methods that quantize them.
+    adapt_attention(model, config.a_bits, probs="uniform", ignore=config.ignore)
     init_weight_ranges(model, config)
     init_activation_ranges(model, batches, config, seed=seed, reporter=reporter)
     return model

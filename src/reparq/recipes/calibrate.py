@@ -8,10 +8,17 @@ import torch
 import torch.nn as nn
 
 from reparq.config import QuantConfig
+from reparq.nn.attention import matmul_quantizers
 from reparq.nn.qmodules import quantized_layers
 from reparq.progress import SILENT, Reporter
 from reparq.quant.observer import ActivationObserver
 from reparq.quant.ranges import estimate_params
+
+
+def forward_batch(model: nn.Module, batch):
+    """One forward on a calibration batch: a tensor is the model's input; a dict holds keyword
+    inputs (``input_ids``, ``attention_mask``, ... of a Hugging Face model)."""
+    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 @torch.no_grad()
@@ -33,28 +40,41 @@ def init_weight_ranges(model: nn.Module, config: QuantConfig) -> None:
 def set_quant_enabled(model: nn.Module, weights: bool, inputs: bool) -> None:
     for _, layer in quantized_layers(model):
         layer.set_quant_enabled(weights, inputs)
+    for _, mq in matmul_quantizers(model):  # attention matmul inputs are activations too
+        mq.set_enabled(inputs)
+
+
+def activation_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every data-calibrated activation quantizer: layer inputs and attention matmul inputs."""
+    found = [(f"{n}.input_quantizer", layer.input_quantizer) for n, layer in quantized_layers(model)]
+    found += [(f"{n}.{k}", q) for n, mq in matmul_quantizers(model) for k, q in mq.uniform_quantizers()]
+    return [(n, q) for n, q in found if not q.is_float]
 
 
 @torch.no_grad()
 def init_activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig,
-                           seed: int = 0, reporter: Reporter = SILENT) -> None:
-    """Observe every layer input on the float model over the calibration batches, then pick ranges."""
-    layers = [(n, l) for n, l in quantized_layers(model) if not l.input_quantizer.is_float]
+                           seed: int = 0, reporter: Reporter = SILENT, params_fn=None) -> None:
+    """Observe every activation quantizer's input on the float model over the calibration batches,
+    then pick ranges: ``params_fn(observer, quantizer) -> (scale, zero_point)`` when given (a
+    recipe's own estimator), else ``config.a_estimator``."""
+    layers = activation_quantizers(model)
     observers = {n: ActivationObserver(config.observer_samples, seed=seed + i) for i, (n, _) in enumerate(layers)}
-    hooks = [layer.register_forward_pre_hook(lambda m, args, n=n: observers[n].update(args[0]))
-             for n, layer in layers]
+    hooks = [quantizer.register_forward_pre_hook(lambda m, args, n=n: observers[n].update(args[0]))
+             for n, quantizer in layers]
     set_quant_enabled(model, weights=False, inputs=False)
     batches = list(batches)
     reporter.stage("observe activations", total=len(batches))
     try:
         for batch in batches:
-            model(batch)
+            forward_batch(model, batch)
             reporter.advance(1)
     finally:
         for h in hooks:
             h.remove()
-    for name, layer in layers:
-        aq = layer.input_quantizer
-        scale, zp = observers[name].params(config.a_estimator, aq.bits, aq.symmetric, config.percentile)
+    for name, aq in layers:
+        if params_fn is not None:
+            scale, zp = params_fn(observers[name], aq)
+        else:
+            scale, zp = observers[name].params(config.a_estimator, aq.bits, aq.symmetric, config.percentile)
         aq.set_params(scale, zp)
     set_quant_enabled(model, weights=True, inputs=True)

@@ -22,10 +22,12 @@ import torch
 import torch.nn as nn
 
 from reparq.model.blocks import Unit
+from reparq.nn.attention import MatmulQuantizers
 from reparq.nn.qmodules import QuantizedLayer
 from reparq.progress import SILENT, Reporter
 from reparq.quant.adaround import AdaRound, beta_schedule
 from reparq.recipes.cache import TensorCache
+from reparq.recipes.calibrate import forward_batch
 
 
 @dataclass
@@ -62,6 +64,16 @@ def _set_units_quant(model: nn.Module, units: list[Unit], enabled: bool) -> None
     for u in units:
         for layer in unit_layers(model, u):
             layer.set_quant_enabled(enabled, enabled)
+        for m in model.get_submodule(u.name).modules():  # attention matmul inputs inside the unit
+            if isinstance(m, MatmulQuantizers):
+                m.set_enabled(enabled)
+
+
+def unit_act_quantizers(module: nn.Module, layers: list[QuantizedLayer]) -> list[nn.Module]:
+    """The unit's data-ranged activation quantizers: layer inputs, then attention matmul inputs."""
+    found = [layer.input_quantizer for layer in layers]
+    found += [q for m in module.modules() if isinstance(m, MatmulQuantizers) for _, q in m.uniform_quantizers()]
+    return [q for q in found if not q.is_float]
 
 
 @dataclass
@@ -89,7 +101,7 @@ def trace_units(model: nn.Module, units: list[Unit], batch: torch.Tensor) -> tup
                 calls[name] = UnitCall(len(calls), args[0], _first(out), args[1:], kwargs)
         hooks.append(model.get_submodule(u.name).register_forward_hook(hook, with_kwargs=True))
     try:
-        model(batch)
+        forward_batch(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -112,7 +124,7 @@ def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) ->
     try:
         for b in batches:
             try:
-                model(b)
+                forward_batch(model, b)
             except _StopForward:
                 pass
     finally:
@@ -155,16 +167,24 @@ class UnitTrainer:
             if self.roundings:
                 groups.append({"params": [r.v for r in self.roundings], "lr": self.cfg.lr_round})
         act_scales = []
-        for layer in self.layers:
-            aq = layer.input_quantizer
-            if not aq.is_float:
-                aq.drop_prob = self.cfg.drop_prob
-                aq.drop_generator = self.gen
-                if self.cfg.learn_act_scale:
-                    aq.scale.requires_grad_(True)
-                    act_scales.append(aq.scale)
+        self.act_quantizers = unit_act_quantizers(self.module, self.layers)
+        for aq in self.act_quantizers:
+            aq.drop_prob = self.cfg.drop_prob
+            aq.drop_generator = self.gen
+            if self.cfg.learn_act_scale:
+                aq.scale.requires_grad_(True)
+                act_scales.append(aq.scale)
         if act_scales:
             groups.append({"params": act_scales, "lr": self.cfg.lr_act})
+        # Modules that bring their own learnable state (RepQuant's per-channel clipping bounds) say
+        # so with ``recon_param_groups()``: a list of optimizer groups.
+        for m in self.module.modules():
+            hook = getattr(m, "recon_param_groups", None)
+            if callable(hook):
+                for group in hook():
+                    for p in group["params"]:
+                        p.requires_grad_(True)
+                    groups.append(group)
         affines = [p for layer in self.layers if "output_affine" in layer._modules
                    for p in layer._modules["output_affine"].parameters()]
         for p in affines:
@@ -197,9 +217,9 @@ class UnitTrainer:
                 loss.backward()
                 opt.step()
                 sched.step()
-                for layer in self.layers:  # keep learned step sizes valid
+                for aq in self.act_quantizers:  # keep learned step sizes valid
                     with torch.no_grad():
-                        layer.input_quantizer.scale.clamp_(min=1e-8)
+                        aq.scale.clamp_(min=1e-8)
                 history.append(rec.item())
                 reporter.advance(1, info=f"{self.unit.name} loss {history[-1]:.4g}")
         else:
@@ -211,14 +231,20 @@ class UnitTrainer:
     @torch.no_grad()
     def _finish(self) -> None:
         """Hard rounding, weights written onto the grid, learnable state removed."""
+        for aq in getattr(self, "act_quantizers", []):
+            aq.drop_prob, aq.drop_generator = 0.0, None
+            aq.scale.requires_grad_(False)
+        for m in self.module.modules():
+            hook = getattr(m, "recon_param_groups", None)
+            if callable(hook):
+                for group in hook():
+                    for p in group["params"]:
+                        p.requires_grad_(False)
         for layer in self.layers:
             r = layer.__dict__.pop("_rounding", None)
             if r is not None:
                 r.hard = True
                 layer.weight.data.copy_(r(layer.weight))
-            aq = layer.input_quantizer
-            aq.drop_prob, aq.drop_generator = 0.0, None
-            aq.scale.requires_grad_(False)
             if "output_affine" in layer._modules:
                 layer._modules["output_affine"].requires_grad_(False)
 

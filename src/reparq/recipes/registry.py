@@ -44,4 +44,4 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _load_builtin() -> None:
-    from reparq.recipes import baselines, block_recon, repapq  # noqa: F401  (register on import)
+    from reparq.recipes import baselines, block_recon, repapq, repqvit, repquant  # noqa: F401  (register on import)

@@ -1,0 +1,218 @@
+"""Post-norm reparameterization (RepQ-ViT / RepQuant, DESIGN.md 2.4 item 1).
+
+The output of a LayerNorm has severe inter-channel variation: a per-tensor quantizer wastes the
+grid on the few wide channels. So the consumer's input is *calibrated* per channel (scale
+``s in R^C``, integer zero point ``z in Z^C``) and then *converted* exactly into one layer-wise
+quantizer ``(s~, z~)``, with ``s~ = mean(s)``, ``z~ = round(mean(z))`` (clamped into the grid),
+``r1 = s / s~`` and ``r2 = z - z~`` (integers), by moving the difference into the float weights
+on both sides of the quantizer:
+
+* norm:      ``gamma' = gamma / r1``,  ``beta' = (beta + s * r2) / r1``
+* consumers: ``W' = W * r1`` (input channel c scaled by r1_c),  ``b' = b - W (s * r2)``
+
+Then ``y'_c / s~ = y_c / s_c + r2_c`` for every element, and since ``r2_c`` and ``z~`` are
+integers, ``round(y'_c / s~) + z~ == round(y_c / s_c) + z_c``: the layer-wise integers *are* the
+per-channel integers, the clamp to the grid is the same, and ``W' x'_hat + b' == W x_hat + b``.
+The fold is exact (to float rounding of the folded weights; tests check it).
+
+Where the norm has no bias (RMSNorm; LayerNorm(bias=False)) the shift ``s * r2 / r1`` has no
+home. What we do, in order of preference:
+
+1. Calibrate per-channel scales with one shared integer zero point
+   (:func:`shared_zero_point_params`): then ``r2 = 0``, the shift and the consumers' bias
+   correction vanish, and only ``gamma`` and ``W`` change. Exact, no new parameters: this is
+   the default for RMSNorm (:func:`fold_rmsnorm`), and it also suits bias-free consumers
+   (LLaMA's q/k/v/gate/up projections).
+2. With per-channel zero points, the shift is added after the norm by a :class:`ShiftedNorm`
+   wrapper (one per-channel add, which the runtime does in float before its QuantizeLinear), and a
+   consumer without a bias gets one. :func:`fold_postnorm` returns the wrapper; the caller
+   installs it in place of the norm.
+
+Valid only when the norm's output feeds nothing but the given consumers, through channel-wise
+operations (token reshuffles, window partition, shifts and averaging are fine; zero padding
+after the norm, as Swin does when the resolution is not a multiple of the window, is not exact
+for the padded tokens). The family table below lists only pairs where that holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from reparq.errors import ReparqError
+from reparq.quant.uniform import int_range
+
+# Block class name -> ((norm, (consumer, ...)), ...), names relative to the block. Model-family
+# knowledge as data: timm's pre-norm ViT/DeiT and Swin blocks and Swin's patch merging. The
+# ViT head's ``fc_norm`` (average pooling) feeds only the classifier, so it folds too.
+NORM_CONSUMERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "Block": (("norm1", ("attn.qkv",)), ("norm2", ("mlp.fc1",))),
+    "SwinTransformerBlock": (("norm1", ("attn.qkv",)), ("norm2", ("mlp.fc1",))),
+    "PatchMerging": (("norm", ("reduction",)),),
+    "VisionTransformer": (("fc_norm", ("head",)),),
+}
+
+
+def register_norm_consumers(block_class_name: str, pairs: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Teach the pass a block type: ``(("input_layernorm", ("self_attn.q_proj", ...)), ...)``."""
+    NORM_CONSUMERS[block_class_name] = tuple((n, tuple(c)) for n, c in pairs)
+
+
+@dataclass(frozen=True)
+class NormPair:
+    norm: str
+    consumers: tuple[str, ...]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or an RMSNorm (torch, timm or HF style: a ``weight`` over the last dim)."""
+    if isinstance(module, nn.LayerNorm):
+        return True
+    name = type(module).__name__.lower()
+    return "rmsnorm" in name and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def norm_has_bias(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) and module.bias is not None
+
+
+def find_postnorm_pairs(model: nn.Module) -> list[NormPair]:
+    """Every norm -> consumer-linear pair the table knows, checked (a norm, Linear consumers of
+    matching width); entries whose modules are missing or of another kind are skipped."""
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, module in modules.items():
+        for norm_rel, consumer_rels in NORM_CONSUMERS.get(type(module).__name__, ()):
+            prefix = f"{name}." if name else ""
+            norm = modules.get(prefix + norm_rel)
+            consumers = [prefix + c for c in consumer_rels]
+            if norm is None or not is_norm(norm) or not all(isinstance(modules.get(c), nn.Linear) for c in consumers):
+                continue
+            width = norm.weight.shape[0] if getattr(norm, "weight", None) is not None else None
+            if width is not None and any(modules[c].in_features != width for c in consumers):
+                continue
+            pairs.append(NormPair(prefix + norm_rel, tuple(consumers)))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-channel parameters
+
+
+def shared_zero_point_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scales with one integer zero point for all channels (so the fold needs no shift).
+
+    The zero point is the rounded mean of the channels' own best ones; each channel then gets the
+    smallest scale whose grid around that zero point covers its [lo, hi] (widened to contain 0).
+    """
+    qmin, qmax = int_range(bits, symmetric=False)
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    eps = torch.finfo(torch.float32).eps
+    own_scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+    z = torch.clamp(torch.round((qmin - lo / own_scale).mean()), qmin + 1, qmax - 1)
+    scale = torch.maximum(-lo / (z - qmin), hi / (qmax - z)).clamp_min(eps)
+    return scale, torch.full_like(scale, float(z))
+
+
+def layerwise_params(scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s~ = mean(s)`` and ``z~ = round(mean(z))``, clamped into the grid (any integer keeps the
+    fold exact; one in range is what a runtime's QuantizeLinear accepts)."""
+    qmin, qmax = int_range(bits, symmetric=False)
+    s_t = scale.double().mean().float()  # stored as float32 by the quantizer: fold against that value
+    z_t = torch.clamp(torch.round(zero_point.double().mean()), qmin, qmax).float()
+    return s_t.reshape(1), z_t.reshape(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fold
+
+
+class ShiftedNorm(nn.Module):
+    """``norm(x) + shift``: the home of the fold's shift when the norm itself has no bias."""
+
+    def __init__(self, norm: nn.Module, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.shift = nn.Parameter(shift.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) + self.shift
+
+
+@dataclass
+class FoldResult:
+    norm: nn.Module  # the norm to install: the same module, or a ShiftedNorm wrapping it
+    scale: torch.Tensor  # layer-wise scale (1 element)
+    zero_point: torch.Tensor  # layer-wise integer zero point (1 element)
+
+
+@torch.no_grad()
+def fold_postnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tensor, zero_point: torch.Tensor,
+                  bits: int) -> FoldResult:
+    """Fold a per-channel asymmetric quantizer on ``norm``'s output into ``norm`` and ``consumers``.
+
+    Mutates the norm's affine and the consumers' weights and biases in place; returns the
+    layer-wise ``(scale, zero_point)`` that the consumers' input quantizer must use from now on,
+    and the module to install at the norm's place (a :class:`ShiftedNorm` only when the norm has
+    no bias and the zero points differ). See the module docstring for the math.
+    """
+    scale = scale.detach().reshape(-1).double()
+    zero_point = zero_point.detach().reshape(-1).double()
+    if not torch.equal(zero_point, zero_point.round()):
+        raise ReparqError("post-norm fold needs integer zero points; round them before folding")
+    if bool((scale <= 0).any()):
+        raise ReparqError("post-norm fold needs positive scales")
+    channels = scale.numel()
+    if not consumers:
+        raise ReparqError("post-norm fold needs at least one consumer layer")
+    for layer in consumers:
+        if layer.in_features != channels:
+            raise ReparqError(f"consumer takes {layer.in_features} inputs but the quantizer has {channels} channels")
+    s_t, z_t = layerwise_params(scale, zero_point, bits)
+    r1 = scale / s_t.double()
+    r2 = zero_point - z_t.double()
+    shift = scale * r2  # in the norm's output units, before the division by r1
+    needs_shift = bool((r2 != 0).any())
+
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        ref = next(iter(c.weight for c in consumers))
+        norm.weight = nn.Parameter(torch.ones(channels, dtype=ref.dtype, device=ref.device))
+        weight = norm.weight
+    weight.copy_((weight.double() / r1).to(weight.dtype))
+    result_norm = norm
+    if needs_shift:
+        if norm_has_bias(norm):
+            norm.bias.copy_(((norm.bias.double() + shift) / r1).to(norm.bias.dtype))
+        else:
+            result_norm = ShiftedNorm(norm, (shift / r1).to(weight.dtype))
+    for layer in consumers:
+        w = layer.weight.double()
+        if needs_shift:
+            correction = w @ shift
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                                                      device=layer.weight.device), requires_grad=False)
+            layer.bias.copy_((layer.bias.double() - correction).to(layer.bias.dtype))
+        layer.weight.copy_((w * r1).to(layer.weight.dtype))
+    return FoldResult(result_norm, s_t, z_t)
+
+
+def fold_rmsnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tensor, zero_point: torch.Tensor,
+                 bits: int) -> FoldResult:
+    """The RMSNorm fold, for callers outside the timm families (HF LLaMA's ``input_layernorm``).
+
+    RMSNorm has no bias, so calibrate with :func:`shared_zero_point_params` (one zero point): the
+    fold then changes only ``norm.weight`` and the consumers' weights, and ``result.norm`` is
+    ``norm`` itself. With differing zero points the shift goes to a :class:`ShiftedNorm` that the
+    caller must install, and bias-free consumers get a bias.
+    """
+    if getattr(norm, "weight", None) is None:
+        raise ReparqError(f"{type(norm).__name__} has no weight to fold into; build it with elementwise_affine=True")
+    return fold_postnorm(norm, consumers, scale, zero_point, bits)
+
+
+__all__ = ["FoldResult", "NORM_CONSUMERS", "NormPair", "ShiftedNorm", "find_postnorm_pairs", "fold_postnorm",
+           "fold_rmsnorm", "is_norm", "layerwise_params", "register_norm_consumers", "shared_zero_point_params"]

@@ -1,0 +1,72 @@
+"""``repquant``: RepQuant (Li et al., 2024): RepQ-ViT's decoupling, with learning on both sides of
+the reparameterization (DESIGN.md 2.4).
+
+1. Quantizers and statistics-based ranges as in ``repqvit`` (percentile search, log-sqrt2
+   probabilities), except that each post-norm consumer input gets a
+   :class:`~reparq.quant.dual_clip.DualClipQuantizer`: per-channel lower and upper bounds,
+   initialized from the per-channel percentile search.
+2. Dual clipping: the bounds are trained block by block with the block reconstruction loss
+   (``clip_iters`` steps per block, weights at nearest rounding, nothing else learns), using the
+   reconstruction engine (:mod:`reparq.recipes.reconstruct`, which picks the bounds up through
+   their ``recon_param_groups``).
+3. The learned per-channel quantizers are folded exactly into the norms and consumers, leaving
+   layer-wise quantizers; the consumers' weight ranges are re-initialized (their weights are
+   now ``W * r1``).
+4. Quantized weight reconstruction: block-wise AdaRound rounding with LSQ step sizes for the
+   per-tensor activations and the q/k/v matmul inputs (``iters`` steps per block, the
+   ReconConfig options), with everything quantized in place.
+5. log-sqrt2 -> log2 with parity for the probabilities.
+
+Defaults are sized for CPU: a zoo transformer (about 0.2 M parameters, 1024 calibration images)
+finishes within the 5-minute budget on 2 cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from reparq.config import QuantConfig
+from reparq.model.blocks import discover_units
+from reparq.progress import SILENT, Reporter
+from reparq.quant.log_reparam import convert_logsqrt2_to_log2
+from reparq.recipes.block_recon import ReconOptions, recon_config
+from reparq.recipes.reconstruct import reconstruct
+from reparq.recipes.registry import register_recipe
+from reparq.recipes.repqvit import RepQViTOptions, fold_and_reinit, prepare_transformer
+
+
+@dataclass
+class RepQuantOptions(ReconOptions, RepQViTOptions):
+    iters: int = 200  # quantized weight reconstruction steps per block
+    clip_iters: int = 100  # dual-clipping steps per block (0: keep the percentile bounds)
+    clip_lr: float = 1e-3  # in units of each channel's initial range per step (Adam)
+
+
+@register_recipe("repquant", "RepQuant: learnable per-channel dual clipping of post-norm inputs (block loss), "
+                 "exact fold to layer-wise quantizers, then block-wise quantized weight reconstruction; "
+                 "log-sqrt2 probabilities converted to log2", RepQuantOptions, w_estimator="mse", a_estimator="mse")
+def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, reporter: Reporter = SILENT,
+             options: RepQuantOptions | None = None) -> nn.Module:
+    options = options or RepQuantOptions()
+    pairs = prepare_transformer(model, batches, config, options, seed, reporter, learnable_clip=options.clip_iters > 0,
+                                clip_lr=options.clip_lr)
+    units = discover_units(model, options.block_globs, options.stage_globs)
+    stats: list[dict] = []  # one entry per unit and phase (the clipping phase's units end in ":clip")
+    if pairs and options.clip_iters > 0:
+        clip_cfg = recon_config(options, iters=options.clip_iters, round_weights=False, learn_act_scale=False,
+                                drop_prob=0.0)
+        clip_stats = reconstruct(model, units, batches, clip_cfg, seed=seed, reporter=reporter)
+        stats += [{**s, "unit": f"{s['unit']}:clip"} for s in clip_stats]
+    fold_and_reinit(model, pairs, config, options)
+    if options.iters > 0:
+        stats += reconstruct(model, units, batches, recon_config(options), seed=seed + 1, reporter=reporter)
+    if options.to_log2:
+        convert_logsqrt2_to_log2(model)
+    model.reparq_recon_stats = stats
+    model.reparq_postnorm_pairs = [p.norm for p in pairs]
+    return model
+
+
+__all__ = ["RepQuantOptions"]

@@ -1,0 +1,100 @@
+"""``repqvit``: RepQ-ViT (Li et al., ICCV 2023) as a baseline. Two scale reparameterizations,
+statistics-based ranges, no learning (DESIGN.md 2.4, item 5 for the reference's choices).
+
+1. Quantizers everywhere a transformer runs a product: every Conv/Linear (weights per output
+   channel, inputs per tensor) and, through the attention adapters, q, k, v and the attention
+   probabilities (log-sqrt2 grid).
+2. Ranges from one float forward pass over the calibration data: RepQ-ViT's least-MSE choice
+   among the {99.9, 99.99, 99.999}th percentiles (``ranges="percentile"``), or the
+   ``QuantConfig`` estimators (``ranges="config"``, an ablation).
+3. Post-norm reparameterization: the inputs of ``qkv``, ``fc1``, Swin's patch-merging
+   ``reduction`` (and the ViT head after ``fc_norm``) are calibrated per channel, then folded
+   exactly into the norm and the consumer (:mod:`reparq.model.postnorm`); the consumers' weight
+   ranges are re-initialized because their weights changed.
+4. log-sqrt2 -> log2 with parity for the probabilities (:mod:`reparq.quant.log_reparam`), exact.
+
+Our departures from the reference: integer zero points in the fold (exact, where the reference
+aligns to a real-valued mean); symmetric weight grids; all of the calibration data is used (the
+reference takes 32 images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from reparq.config import QuantConfig
+from reparq.errors import ReparqError
+from reparq.model.attention_adapters import PROBS_KINDS, adapt_attention
+from reparq.model.postnorm import find_postnorm_pairs
+from reparq.progress import SILENT, Reporter
+from reparq.quant.log_reparam import convert_logsqrt2_to_log2
+from reparq.recipes.calibrate import init_activation_ranges
+from reparq.recipes.insert import insert_quantizers
+from reparq.recipes.prepare import prepare_for_deployment
+from reparq.recipes.registry import register_recipe
+from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm, fold_postnorm_pairs, init_weight_ranges_for,
+                                    observe_norm_outputs, percentile_activation_params, quantizable_pairs)
+
+RANGE_MODES = ("percentile", "config")
+
+
+@dataclass
+class RepQViTOptions:
+    ranges: str = "percentile"  # "percentile": RepQ-ViT's search; "config": QuantConfig's estimators
+    channel_ranges: str = "percentile"  # per-channel post-norm ranges: "percentile" | "minmax"
+    reparam: bool = True  # False: leave the post-norm inputs per tensor (ablation)
+    probs: str = "logsqrt2"  # "logsqrt2" | "log2" | "uniform"
+    to_log2: bool = True  # convert log-sqrt2 to the deployed log2+parity form at the end
+    max_rows: int = 1 << 16  # tokens kept per norm for the per-channel statistics
+
+    def __post_init__(self) -> None:
+        if self.ranges not in RANGE_MODES:
+            raise ReparqError(f"ranges must be one of {', '.join(RANGE_MODES)}, got {self.ranges!r}")
+        if self.channel_ranges not in CHANNEL_METHODS:
+            raise ReparqError(f"channel_ranges must be one of {', '.join(CHANNEL_METHODS)}, got {self.channel_ranges!r}")
+        if self.probs not in PROBS_KINDS:
+            raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, got {self.probs!r}")
+
+
+def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options, seed: int, reporter: Reporter,
+                        learnable_clip: bool = False, clip_lr: float = 1e-3):
+    """Steps 1-3 up to (not including) the fold: quantizers in, ranges set, post-norm inputs per
+    channel. Returns the pairs to fold. Shared with ``repquant``."""
+    prepare_for_deployment(model)
+    insert_quantizers(model, config)
+    adapt_attention(model, config.a_bits, probs=options.probs, ignore=config.ignore)
+    percentile = options.ranges == "percentile"
+    init_weight_ranges_for(model, config, percentile=percentile)
+    init_activation_ranges(model, batches, config, seed=seed, reporter=reporter,
+                           params_fn=percentile_activation_params if percentile else None)
+    pairs = quantizable_pairs(model, find_postnorm_pairs(model)) if options.reparam else []
+    if pairs:
+        reporter.stage("post-norm statistics", total=1)
+        rows = observe_norm_outputs(model, pairs, batches, options.max_rows, seed=seed)
+        calibrate_postnorm(model, pairs, rows, options.channel_ranges, learnable=learnable_clip, lr=clip_lr)
+        reporter.advance(1)
+    return pairs
+
+
+def fold_and_reinit(model: nn.Module, pairs, config: QuantConfig, options) -> None:
+    changed = fold_postnorm_pairs(model, pairs)
+    init_weight_ranges_for(model, config, changed, percentile=options.ranges == "percentile")
+
+
+@register_recipe("repqvit", "RepQ-ViT: per-channel post-norm ranges folded into layer-wise ones, log-sqrt2 "
+                 "attention probabilities converted to log2 shifts, percentile ranges; no learning",
+                 RepQViTOptions, w_estimator="mse", a_estimator="mse")
+def repqvit(model: nn.Module, batches, config: QuantConfig, seed: int = 0, reporter: Reporter = SILENT,
+            options: RepQViTOptions | None = None) -> nn.Module:
+    options = options or RepQViTOptions()
+    pairs = prepare_transformer(model, batches, config, options, seed, reporter)
+    fold_and_reinit(model, pairs, config, options)
+    if options.to_log2:
+        convert_logsqrt2_to_log2(model)
+    model.reparq_postnorm_pairs = [p.norm for p in pairs]
+    return model
+
+
+__all__ = ["RepQViTOptions", "fold_and_reinit", "prepare_transformer"]
