@@ -6,6 +6,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.reparq-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+GITDOC  := /usr/share/doc/git-doc/user-manual.html
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # torch/torchvision pinned to the release the registry serves for this platform (timm needs torchvision).
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
@@ -27,11 +28,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-data: $(FMNIST)
+data: $(FMNIST) $(GITDOC)
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# English text (Git's manual in HTML) for the MiniLM and LLaMA benchmarks.
+$(GITDOC):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq git-doc
 
 bench: install data
 	$(PY) benchmarks/ptq_baselines.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import torch.nn as nn
 from reparq.errors import ReparqError
 
 CHECKPOINT_DIR = Path(__file__).with_name("checkpoints")
+# Zoo models outside the Fashion-MNIST image family: name -> "module:function" that loads the
+# committed checkpoint. Not in list_models(), which the image benchmarks iterate.
+TEXT_MODELS = {"llama_fm": "reparq.zoo.train_lm:load_llama_fm"}
 
 
 def checkpoint_path(name: str) -> Path:
@@ -41,6 +45,9 @@ def model_card(name: str) -> dict:
 
 def load_model(name: str) -> nn.Module:
     """Build a zoo model in its training-time form and load its committed weights (eval mode)."""
+    if name in TEXT_MODELS:
+        module, _, function = TEXT_MODELS[name].partition(":")
+        return getattr(importlib.import_module(module), function)()
     archs = _architectures()
     if name not in archs:
         raise ReparqError(f"unknown zoo model {name!r}; choose one of: {', '.join(sorted(archs))}")

