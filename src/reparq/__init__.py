@@ -1,12 +1,13 @@
 """reparq: accurate post-training quantization through reparameterization.
 
-Public API (kept small and stable): ``quantize``, ``evaluate``, ``save``, ``load``, ``list_recipes``,
+Public API (kept small and stable): ``quantize``, ``evaluate``, ``save``, ``load``, ``export_onnx``, ``list_recipes``,
 ``register_merger``, ``QuantConfig``, ``ReparqError``; the zoo lives in ``reparq.zoo``.
 Importing reparq does not import timm, transformers or onnx.
 """
 
 from reparq.api import QuantInfo, evaluate, quantize
 from reparq.config import QuantConfig
+from reparq.deploy.onnx_export import export_onnx
 from reparq.deploy.serialize import load, save
 from reparq.errors import ReparqError
 from reparq.model.merge import register_merger
@@ -14,5 +15,5 @@ from reparq.recipes.registry import list_recipes
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantConfig", "QuantInfo", "ReparqError", "__version__", "evaluate", "list_recipes", "load", "quantize",
-           "register_merger", "save"]
+__all__ = ["QuantConfig", "QuantInfo", "ReparqError", "__version__", "evaluate", "export_onnx", "list_recipes", "load",
+           "quantize", "register_merger", "save"]
