@@ -75,7 +75,7 @@ def test_progress_display_runs_with_reconstruction_recipe(capsys):
     (["quantize", "--w-bits", "9"], "w_bits must be an integer in 2..8"),
     (["quantize", "--a-bits", "1"], "a_bits must be an integer in 2..8"),
     (["quantize", "--model", "zoo:resnet9000"], "unknown zoo model 'resnet9000'"),
-    (["quantize", "--model", "hf:bert"], "is not supported yet"),
+    (["quantize", "--model", "hf:bert"], "no Hugging Face model directory there"),
     (["eval", "--recipe", "mse", "--bits", "W4"], "cannot read bit widths"),
     (["zoo", "train"], "name at least one model"),
 ])

@@ -111,51 +111,77 @@ def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size:
     return rows
 
 
+MODEL_HELP = "zoo:NAME | timm:NAME (with --weights) | hf:DIR | module:function | file.py:function (default zoo:repvgg_fm)"
+CALIB_HELP = "zoo:fashion_mnist | images:DIR | text:FILE | tensor:FILE (default zoo:fashion_mnist)"
+
+
 @app.command()
 def quantize(
-    model: str = typer.Option("zoo:repvgg_fm", "--model", "-m", help="zoo:NAME"),
-    recipe: str = typer.Option("mse", "--recipe", "-r", help="see `reparq recipes`"),
-    w_bits: int = typer.Option(8, "--w-bits", help="weight bits, 2..8"),
-    a_bits: int = typer.Option(8, "--a-bits", help="activation bits, 2..8"),
-    seed: int = typer.Option(0, "--seed"),
-    calib_size: int = typer.Option(1024, "--calib-size", help="calibration images from the training split"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="see `reparq recipes` (default mse)"),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", help="weight bits, 2..8 (default 8)"),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="activation bits, 2..8 (default 8)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="(default 0)"),
+    calib_size: Optional[int] = typer.Option(None, "--calib-size", help="calibration samples (default 1024)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     as_json: bool = typer.Option(False, "--json", help="print rows as JSON instead of a table"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="list layers, bits, blocks and stages; calibrate nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list every quantization point; calibrate nothing"),
     blocks: str = typer.Option("", "--blocks", help="comma-separated globs naming the blocks of an unknown model"),
     iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
     save_dir: Optional[str] = typer.Option(None, "--save", help="write the quantized model to this directory"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a shipped preset, e.g. w4a4, rep-w4a4-fast"),
+    config_file: Optional[str] = typer.Option(None, "--config", "-c", help="a run config YAML; flags override it"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="local weights file for timm:NAME"),
+    calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
 ) -> None:
-    """Quantize a model with one recipe and print FP vs quantized accuracy."""
+    """Quantize a model with one recipe (or a preset or config file) and print FP vs quantized results."""
+    from reparq.runconfig import check_globs, execute, from_cli, is_zoo_run
+    from reparq.sources import load_model_source
+
+    run = from_cli(config_file, preset, model=model, weights=weights, recipe=recipe, w_bits=w_bits, a_bits=a_bits,
+                   seed=seed, calib=calib, calib_size=calib_size, iters=iters, blocks=blocks)
     if dry_run:
-        _dry_run(model, recipe, w_bits, a_bits, blocks, as_json)
+        _dry_run(run, as_json)
         return
-    _run(model, [recipe], [f"{w_bits}/{a_bits}"], seed, calib_size, quiet, as_json,
-         title=f"{_zoo_name(model)}: {recipe} W{w_bits}A{a_bits}", options=_recipe_options([recipe], iters, blocks),
+    if not is_zoo_run(run):
+        with _progress(quiet or as_json) as bar:
+            row = execute(run, RichReporter(bar), save_dir=save_dir)
+        if save_dir:
+            err_console.print(f"saved to {save_dir}")
+        if as_json:
+            print(json.dumps({"rows": [row]}, indent=2))
+        else:
+            from reparq.report.tables import rich_table
+
+            console.print(rich_table([row], title=f"{row['model']}: {run.recipe} W{run.w_bits}A{run.a_bits} "
+                                                  f"({row['metric']} on {row['evaluated_on']})",
+                                     extra=("output_sqnr_db",)))
+        return
+    check_globs(run, load_model_source(run.model))
+    _run(run.model, [run.recipe], [f"{run.w_bits}/{run.a_bits}"], run.seed, run.calib.size, quiet, as_json,
+         title=f"{_zoo_name(run.model)}: {run.recipe} W{run.w_bits}A{run.a_bits}", options=run.option_kwargs(),
          save_dir=save_dir)
 
 
-def _dry_run(model: str, recipe: str, w_bits: int, a_bits: int, blocks: str, as_json: bool) -> None:
-    from rich.table import Table
+def _dry_run(run, as_json: bool) -> None:
+    from reparq.recipes.plan import plan_for, plan_table
+    from reparq.runconfig import check_globs
+    from reparq.sources import load_model_source, short_name
 
-    from reparq.config import QuantConfig
-    from reparq.recipes.plan import plan
-    from reparq.recipes.registry import get_recipe
-    from reparq.zoo import load_model
-
-    spec = get_recipe(recipe)
-    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, **spec.defaults)
-    globs = tuple(g.strip() for g in blocks.split(",") if g.strip()) or None
-    result = plan(load_model(_zoo_name(model)), config, block_globs=globs)
+    model = load_model_source(run.model, run.weights)
+    try:
+        check_globs(run, model)
+    except ReparqError as exc:  # the dry run is where names are looked up: warn, do not stop
+        err_console.print(f"warning: {exc}", highlight=False, soft_wrap=True)
+    result = plan_for(model, run)
     if as_json:
         print(json.dumps(result, indent=1))
         return
-    table = Table("layer", "type", "W", "A", "unit", "stage",
-                  title=f"{_zoo_name(model)}: {len(result['layers'])} quantized layers in {len(result['units'])} units "
-                        f"({result['merged_blocks']} Rep blocks merged, {result['folded_bn']} BN folded)")
-    for r in result["layers"]:
-        table.add_row(r["layer"], r["type"], str(r["w_bits"]), str(r["a_bits"]), r["unit"], r["stage"])
-    console.print(table)
+    name = short_name(run.model)
+    console.print(plan_table(result, title=f"{name}, {run.recipe} W{run.w_bits}A{run.a_bits}: "
+                                           f"{len(result['points'])} quantization points in {len(result['layers'])} "
+                                           f"layers, {len(result['units'])} units ({result['merged_blocks']} Rep "
+                                           f"blocks merged, {result['folded_bn']} BN folded)"))
     if result["unit_error"]:
         err_console.print(f"note: {result['unit_error']}")
 
@@ -201,6 +227,161 @@ def recipes() -> None:
     for name in list_recipes():
         table.add_row(name, get_recipe(name).description)
     console.print(table)
+
+
+def _invocation(ctx: typer.Context) -> str:
+    """The command as typed (flags that differ from their defaults), for reports to quote."""
+    import shlex
+
+    parts = ["reparq", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or value == param.default or not param.opts or param.name in ("quiet",
+                                                                                                        "as_json"):
+            continue  # flags that do not change the result are left out
+        parts += [param.opts[0]] if value is True else [param.opts[0], str(value)]
+    return shlex.join(parts)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    out: str = typer.Option("reparq-report", "--out", "-o", help="folder for report.html, report.md, PNGs, JSON"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a shipped preset, e.g. w4a4"),
+    config_file: Optional[str] = typer.Option(None, "--config", "-c", help="a run config YAML; flags override it"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r"),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits"),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
+    calib_size: Optional[int] = typer.Option(None, "--calib-size"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
+    blocks: str = typer.Option("", "--blocks", help="comma-separated block globs of an unknown model"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="local weights file for timm:NAME"),
+    eval_size: int = typer.Option(2000, "--eval-size", help="held-out samples for the accuracy table"),
+    top: int = typer.Option(3, "--top", help="range histograms for this many worst layers"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="print the accuracy rows and written files as JSON"),
+) -> None:
+    """Quantize, then write an HTML report (and Markdown + PNGs): accuracy, SQNR, ranges, loss curves, cost."""
+    from reparq.report.html import run_report
+    from reparq.report.tables import rich_table
+    from reparq.runconfig import from_cli
+
+    run = from_cli(config_file, preset, model=model, weights=weights, recipe=recipe, w_bits=w_bits, a_bits=a_bits,
+                   seed=seed, calib=calib, calib_size=calib_size, iters=iters, blocks=blocks)
+    command = _invocation(ctx)
+    with _progress(quiet or as_json) as bar:
+        data, files = run_report(run, out, command, eval_size=eval_size, top=max(1, top), reporter=RichReporter(bar))
+    if as_json:
+        print(json.dumps({"rows": data.rows, "output_sqnr_db": data.output_sqnr_db,
+                          "files": [str(f) for f in files.values()]}, indent=2))
+    else:
+        console.print(rich_table(data.rows, title=data.title))
+        err_console.print(f"wrote {', '.join(str(f) for f in files.values())}")
+
+
+@app.command()
+def sensitivity(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    w_bits: int = typer.Option(4, "--w-bits", help="bits each layer is tried at"),
+    a_bits: int = typer.Option(4, "--a-bits"),
+    budget: float = typer.Option(1.0, "--budget", help="allowed drop in points (accuracy, or agreement with FP)"),
+    metric: str = typer.Option("accuracy", "--metric", help="rank by accuracy drop, or by output SQNR (faster)"),
+    granularity: str = typer.Option("layer", "--granularity", "-g", help="layer | block"),
+    recipe: str = typer.Option("mse", "--recipe", "-r", help="range recipe: minmax, percentile, mse, mae"),
+    config_file: Optional[str] = typer.Option(None, "--config", "-c", help="take model and data from a run config"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="local weights file for timm:NAME"),
+    calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
+    calib_size: Optional[int] = typer.Option(256, "--calib-size"),
+    blocks: str = typer.Option("", "--blocks", help="block globs for --granularity block on an unknown model"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    eval_size: int = typer.Option(2000, "--eval-size", help="held-out samples each candidate is scored on"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="write the result as JSON to this file"),
+    save_config: Optional[str] = typer.Option(None, "--save-config", help="write the suggested run config (YAML)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Quantize one layer (or block) at a time, rank them, and suggest which to keep at 8 bits."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from reparq.runconfig import from_cli
+    from reparq.sensitivity import run_sensitivity, suggested_config
+    from reparq.sources import short_name
+
+    globs = tuple(g.strip() for g in blocks.split(",") if g.strip())
+    run = from_cli(config_file, None, model=model, weights=weights, recipe=recipe, w_bits=w_bits, a_bits=a_bits,
+                   seed=seed, calib=calib, calib_size=calib_size)
+    if globs:
+        run = run.model_copy(update={"options": {**run.options, "block_globs": globs}})
+    with _progress(quiet or as_json) as bar:
+        result = run_sensitivity(run, budget, metric=metric, granularity=granularity, eval_size=eval_size,
+                                 reporter=RichReporter(bar))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    if save_config:
+        Path(save_config).write_text(suggested_config(result, run).to_yaml())
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    score = "drop" if metric == "accuracy" else "sqnr_db"
+    table = Table("rank", granularity, "layers", "drop (points)" if score == "drop" else "output SQNR dB",
+                  title=f"{short_name(run.model)}: one {granularity} at a time at W{w_bits}A{a_bits} "
+                        f"({result['score_kind']} "
+                        f"on {result['evaluated_on']}; FP {result['fp']:.2f})")
+    for r in result["rows"]:
+        table.add_row(str(r["rank"]), r["unit"], str(len(r["layers"])), f"{r[score]:.2f}")
+    console.print(table)
+    s = result["suggestion"]
+    verdict = "within" if s["within_budget"] else "NOT within (even all at 8 bits)"
+    console.print(f"all at W{w_bits}A{a_bits}: {result['all_low']:.2f}; all at W8A8: {result['all_8bit']:.2f}; "
+                  f"keep {len(s['keep_8bit'])} at W8A8 -> {s['score']:.2f} ({-s['drop']:+.2f}, {verdict} budget "
+                  f"{budget:g}): {', '.join(s['keep_8bit']) or 'none'}", highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+def export(
+    paths: list[str] = typer.Argument(..., help="SAVED_DIR OUT.onnx (a `reparq quantize --save` folder), "
+                                                "or OUT.onnx alone with --model"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="zoo:NAME: quantize it, then export"),
+    recipe: str = typer.Option("mse", "--recipe", "-r", help="with --model"),
+    w_bits: int = typer.Option(8, "--w-bits", help="with --model"),
+    a_bits: int = typer.Option(8, "--a-bits", help="with --model"),
+    seed: int = typer.Option(0, "--seed", help="with --model"),
+    calib_size: int = typer.Option(1024, "--calib-size", help="with --model"),
+    weight_dtype: str = typer.Option("auto", "--weight-dtype", help="auto | int8 | uint8 (README: ONNX export)"),
+    check: bool = typer.Option(False, "--check", help="compare ORT with PyTorch on the test split"),
+    check_size: int = typer.Option(10000, "--check-size", help="test images used by --check"),
+) -> None:
+    """Write a quantized model as an ONNX QDQ graph that ONNX Runtime runs with int8 kernels."""
+    import torch
+
+    import reparq
+    from reparq.zoo.architectures import IMG_SIZE, IN_CHANS
+
+    if len(paths) not in (1, 2) or (len(paths) == 2) == (model is not None):
+        raise ReparqError("give SAVED_DIR OUT.onnx, or OUT.onnx with --model zoo:NAME (not both, not neither)")
+    out = paths[-1]
+    if len(paths) == 2:
+        qmodel = reparq.load(paths[0])
+    else:
+        from reparq.data import calibration_subset
+        from reparq.zoo import load_model
+
+        qmodel = reparq.quantize(load_model(_zoo_name(model)), calibration_subset(calib_size, seed=seed),
+                                 recipe=recipe, w_bits=w_bits, a_bits=a_bits, seed=seed)
+    path = reparq.export_onnx(qmodel, out, torch.zeros(1, IN_CHANS, IMG_SIZE, IMG_SIZE), weight_dtype=weight_dtype)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
+    if check:
+        from reparq.data import load_fashion_mnist
+        from reparq.deploy.ort_runner import compare
+
+        test_x, test_y = load_fashion_mnist("test")
+        result = compare(qmodel, path, test_x[:check_size], test_y[:check_size])
+        console.print(result.summary(), highlight=False, soft_wrap=True)
 
 
 @zoo_app.command("list")
