@@ -79,10 +79,36 @@ def ablation_table() -> str:
     return "\n".join(lines)
 
 
+def real_table() -> str:
+    path = RESULTS / "transformers_real.json"
+    if not path.exists():
+        return "(not measured yet)"
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["metric"] in ("cosine", "perplexity")]
+    lines = ["| model | metric | recipe | W/A | FP | quant | target | met |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['metric']} | {r['method']} | W{r['w_bits']}A{r['a_bits']} | {r['fp']:.4g} | "
+                     f"{r['quant']:.4g} | {r['target']} | {'yes' if r['ok'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def latency_table() -> str:
+    path = RESULTS / "latency.json"
+    if not path.exists():
+        return "(not measured yet)"
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["weights"] == "auto"]
+    lines = ["| model | batch | int8 / FP32 time | top-1 agreement with PyTorch (%) | int8 kernels in ORT's graph |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ratio']:.2f} | {r['agreement']} | {r['int8_kernels']} |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "zoo": zoo_table,
     "ptq": lambda: drop_table("ptq_baselines", ("W8A8", "W6A6", "W4A8", "W4A4")),
     "repapq_ablation": ablation_table,
+    "real": real_table,
+    "latency": latency_table,
 }
 
 

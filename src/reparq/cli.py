@@ -21,7 +21,7 @@ app.add_typer(zoo_app, name="zoo")
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
-DEMO_RECIPES = ("minmax", "percentile", "mse", "mae")
+DEMO_RECIPES = ("minmax", "percentile", "mse", "mae", "repapq")
 DEMO_BITS = ("W8A8", "W6A6", "W4A4")
 
 
@@ -211,7 +211,7 @@ def demo(
     recipes: str = typer.Option(",".join(DEMO_RECIPES), "--recipes", help="comma-separated; see `reparq recipes`"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Quantize the zoo RepVGG with every range baseline at W8A8, W6A6 and W4A4 and print the table."""
+    """Quantize the zoo RepVGG with every range baseline and RepAPQ at W8A8, W6A6 and W4A4 and print the table."""
     _run(model, [r.strip() for r in recipes.split(",") if r.strip()], list(DEMO_BITS), 0, calib_size, quiet, False,
          title=f"reparq demo: {_zoo_name(model)} (merged) on Fashion-MNIST")
 

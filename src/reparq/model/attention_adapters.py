@@ -153,6 +153,15 @@ def _timm_swin_window_attention_forward(self, x: torch.Tensor, mask: torch.Tenso
 
 def _load_builtin() -> None:
     global _BUILTIN_LOADED
+    import sys
+
+    # A Hugging Face model means transformers is already imported; only then register its
+    # attention classes (importing transformers for a CNN would cost seconds for nothing).
+    # Checked on every call: transformers may be imported after the first quantization.
+    if "transformers" in sys.modules:
+        from reparq.model.hf_adapters import register_hf_attention
+
+        register_hf_attention()  # idempotent
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
