@@ -189,3 +189,32 @@ def test_log_grid_for_repqvit_and_ignore_globs():
     assert not is_adapted(model.blocks[0].attn)
     with pytest.raises(ValueError, match="probs"):
         adapt_attention(model, a_bits=4, probs="cubic")
+
+
+@pytest.mark.parametrize("recipe", ["minmax", "repqvit"])
+def test_describe_and_rebuild_attention_for_loading(recipe):
+    """What a loader needs: rebuild the adapted attention (and folded biases) on a fresh float
+    model, load the saved state, and get the same outputs."""
+    from reparq.model.attention_adapters import describe_attention, rebuild_attention
+    from reparq.model.postnorm import add_folded_biases
+    from reparq.recipes.insert import insert_quantizers
+
+    model = tiny_swin()
+    x = torch.randn(16, 1, 16, 16)
+    q = reparq.quantize(model, x, recipe=recipe, w_bits=4, a_bits=4)
+    desc = describe_attention(q)
+    assert len(desc) == 4 and {d["probs"] for d in desc.values()} == ({"uniform"} if recipe == "minmax" else {"log2parity"})
+    fresh = tiny_swin(seed=1)
+    insert_quantizers(fresh, QuantConfig(w_bits=4, a_bits=4))
+    rebuild_attention(fresh, desc)
+    state = q.state_dict()
+    add_folded_biases(fresh, state.keys())
+    for name, layer in quantized_layers(q):  # per-channel shapes of the layer quantizers
+        target = fresh.get_submodule(name)
+        for role in ("weight_quantizer", "input_quantizer"):
+            src, dst = getattr(layer, role), getattr(target, role)
+            dst.channel_axis = src.channel_axis
+            dst.set_params(src.scale, src.zero_point)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if not k.endswith("relative_position_index")]
+    torch.testing.assert_close(fresh(x), q(x), rtol=1e-5, atol=1e-6)

@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from reparq.errors import ReparqError
+from reparq.model.attention_adapters import describe_attention, rebuild_attention
+from reparq.model.postnorm import add_folded_biases
 from reparq.nn.qmodules import QUANTIZED_TYPES, quantized_layers
 from reparq.recipes.prepare import prepare_for_deployment
 
@@ -57,7 +59,7 @@ def save(qmodel: nn.Module, directory: str | Path, source: str | None = None) ->
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "reparq_version": __version__,
             "source": source or info.extra.get("source"), "architecture": type(qmodel).__name__,
-            "info": asdict(info), "layers": layers}
+            "info": asdict(info), "layers": layers, "attention": describe_attention(qmodel)}
     save_file(tensors, str(directory / TENSOR_FILE), metadata={"format": FORMAT})
     (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     return directory
@@ -123,6 +125,10 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
             tensors[name + ".weight"] = ints.float() * scale.detach()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
+    # Transformers: re-attach the attention matmul quantizers (their ranges come with the state),
+    # and the biases that a post-norm fold gave to bias-free consumers.
+    rebuild_attention(model, meta.get("attention", {}))
+    add_folded_biases(model, tensors.keys())
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith((".scale", ".zero_point"))]
     if missing or unexpected:

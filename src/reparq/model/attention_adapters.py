@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from reparq.nn.attention import MatmulQuantizers
+from reparq.quant.uniform import UniformQuantizer
 
 AttentionForward = Callable[..., torch.Tensor]
 _ADAPTERS: dict[type, AttentionForward] = {}
@@ -73,6 +74,16 @@ def _quant_class(cls: type) -> type:
     return _QUANT_CLASSES[cls]
 
 
+def __getattr__(name: str) -> type:
+    """Find an adapted class by name in a fresh process (unpickling), creating it on demand."""
+    if name.startswith("Quant_"):
+        _load_builtin()
+        for cls in list(_ADAPTERS):
+            if "Quant_" + f"{cls.__module__}.{cls.__qualname__}".replace(".", "_") == name:
+                return _quant_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def is_adapted(module: nn.Module) -> bool:
     return isinstance(module._modules.get("matmul_quant"), MatmulQuantizers)
 
@@ -104,6 +115,36 @@ def adapt_attention(model: nn.Module, a_bits: int, probs: str = "logsqrt2",
             module.__class__ = _quant_class(type(module))
         adapted.append(name)
     return adapted
+
+
+def _probs_kind(mq: MatmulQuantizers) -> str:
+    if isinstance(mq.probs, UniformQuantizer):
+        return "uniform"
+    return "log2parity" if hasattr(mq.probs, "matmul") else mq.probs.base
+
+
+def describe_attention(model: nn.Module) -> dict[str, dict]:
+    """What a saved model must record to rebuild its adapted attention: ``{name: {bits, probs}}``
+    (probs: ``uniform``, ``logsqrt2``, ``log2`` or ``log2parity``, the converted deploy form)."""
+    return {name: {"bits": module.matmul_quant.q.bits, "probs": _probs_kind(module.matmul_quant)}
+            for name, module in attention_modules(model) if is_adapted(module)}
+
+
+def rebuild_attention(model: nn.Module, description: dict[str, dict]) -> None:
+    """Adapt the described modules of a freshly built model (their ranges come from the state dict)."""
+    from reparq.quant.log_reparam import Log2ParityQuantizer
+
+    for name, desc in description.items():
+        module = model.get_submodule(name)
+        kind = desc["probs"]
+        base = "logsqrt2" if kind in ("uniform", "log2parity") else kind
+        module.matmul_quant = MatmulQuantizers(desc["bits"], probs_base=base, probs_uniform=kind == "uniform")
+        if kind == "log2parity":
+            module.matmul_quant.probs = Log2ParityQuantizer(module.matmul_quant.probs)
+        for _, q in module.matmul_quant.uniform_quantizers():
+            q.initialized = True  # scale and zero point arrive with load_state_dict
+        if type(module) in _ADAPTERS:
+            module.__class__ = _quant_class(type(module))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,4 +215,5 @@ def _load_builtin() -> None:
     _ADAPTERS.setdefault(WindowAttention, _timm_swin_window_attention_forward)
 
 
-__all__ = ["adapt_attention", "attention_modules", "is_adapted", "list_attention_adapters", "register_attention"]
+__all__ = ["adapt_attention", "attention_modules", "describe_attention", "is_adapted", "list_attention_adapters",
+           "rebuild_attention", "register_attention"]

@@ -200,6 +200,25 @@ def fold_postnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tens
     return FoldResult(result_norm, s_t, z_t)
 
 
+def add_folded_biases(model: nn.Module, state_keys) -> list[str]:
+    """Give a bias to each bias-free Linear for which a saved state has one (the fold adds a bias
+    to a consumer that had none, e.g. Swin's patch-merging ``reduction``), so the state loads.
+    Returns the layers that got one."""
+    added = []
+    for key in state_keys:
+        if not key.endswith(".bias"):
+            continue
+        name = key[: -len(".bias")]
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(layer, nn.Linear) and layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype), requires_grad=False)
+            added.append(name)
+    return added
+
+
 def fold_rmsnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tensor, zero_point: torch.Tensor,
                  bits: int) -> FoldResult:
     """The RMSNorm fold, for callers outside the timm families (HF LLaMA's ``input_layernorm``).
@@ -214,5 +233,5 @@ def fold_rmsnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tenso
     return fold_postnorm(norm, consumers, scale, zero_point, bits)
 
 
-__all__ = ["FoldResult", "NORM_CONSUMERS", "NormPair", "ShiftedNorm", "find_postnorm_pairs", "fold_postnorm",
+__all__ = ["FoldResult", "add_folded_biases", "NORM_CONSUMERS", "NormPair", "ShiftedNorm", "find_postnorm_pairs", "fold_postnorm",
            "fold_rmsnorm", "is_norm", "layerwise_params", "register_norm_consumers", "shared_zero_point_params"]

@@ -30,6 +30,7 @@ from reparq.model.attention_adapters import PROBS_KINDS, adapt_attention
 from reparq.model.postnorm import find_postnorm_pairs
 from reparq.progress import SILENT, Reporter
 from reparq.quant.log_reparam import convert_logsqrt2_to_log2
+from reparq.recipes import baselines, block_recon, repapq  # noqa: F401  (listed before us, whoever imports first)
 from reparq.recipes.calibrate import init_activation_ranges
 from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
