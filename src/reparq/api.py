@@ -183,7 +183,9 @@ def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None
     qmodel.reparq_info = QuantInfo(recipe=recipe, config=config.to_dict(), seed=seed,
                                    calib_samples=sum(_batch_len(b) for b in batches),
                                    calib_seconds=round(m.seconds, 2), peak_mem_mb=m.peak_mem_mb,
-                                   extra={"recon_loss": curves} if curves else {})
+                                   extra=({"recon_loss": curves} if curves else {})
+                                   # the input shape lets export_onnx trace without an example input
+                                   | ({"input_shape": list(batches[0].shape[1:])} if isinstance(batches[0], torch.Tensor) else {}))
     return qmodel
 
 
