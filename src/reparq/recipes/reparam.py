@@ -27,7 +27,7 @@ from reparq.quant.dual_clip import DualClipQuantizer
 from reparq.quant.percentile_search import percentile_search_params, unwidened_params
 from reparq.quant.ranges import estimate_params
 from reparq.quant.uniform import UniformQuantizer
-from reparq.recipes.calibrate import set_quant_enabled
+from reparq.recipes.calibrate import forward_batch, set_quant_enabled
 from reparq.recipes.insert import _set_submodule
 
 CHANNEL_METHODS = ("percentile", "mse", "minmax")
@@ -77,7 +77,7 @@ def observe_norm_outputs(model: nn.Module, pairs: list[NormPair], batches: list[
     set_quant_enabled(model, weights=False, inputs=False)
     try:
         for batch in batches:
-            model(batch)
+            forward_batch(model, batch)  # dict batches (HF models) run as model(**batch)
     finally:
         for h in handles:
             h.remove()
