@@ -204,6 +204,10 @@ def test_user_errors(tmp_path):
     with pytest.raises(ReparqError, match="no quantized layers"):
         reparq.export_onnx(TinyCNN().eval(), tmp_path / "f.onnx", torch.zeros(1, 3, 12, 12))
     qmodel = _quantized_cnn()
+    # quantize() records the calibration input shape, so no example input is needed ...
+    assert reparq.export_onnx(qmodel, tmp_path.parent / f"{tmp_path.name}_auto.onnx").exists()
+    # ... but a model calibrated on dict batches (no recorded shape) must be given one.
+    del qmodel.reparq_info.extra["input_shape"]
     with pytest.raises(ReparqError, match="example input"):
         reparq.export_onnx(qmodel, tmp_path / "m.onnx")
     with pytest.raises(ReparqError, match=r"\.onnx"):
