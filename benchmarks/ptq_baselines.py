@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
 from reparq.report.results import write_results
+from reparq.report.tables import mean_std
 from reparq.zoo import list_models, load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,12 +38,6 @@ def _key(r: dict) -> tuple:
 def _sort_key(r: dict) -> tuple:
     order = RECIPE_ORDER.index(r["method"]) if r["method"] in RECIPE_ORDER else len(RECIPE_ORDER)
     return (r["model"], order, -r["w_bits"], -r["a_bits"], r["seed"] if r["seed"] is not None else -1)
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.2f}"
-    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
 def summary(rows: list[dict], bits: str = "W4A4") -> str:

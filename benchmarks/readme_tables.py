@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
+
+from reparq.report.tables import mean_std  # the same formatting as the results files
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -20,6 +21,7 @@ TARGETS = {"repvgg_fm": 92.0, "repvgg_deep_fm": 92.0, "mobileone_fm": 92.0, "dei
 CLASSES = {"repvgg_fm": "ByobNet (RepVGG blocks)", "repvgg_deep_fm": "ByobNet (RepVGG blocks, deeper)",
            "mobileone_fm": "ByobNet (MobileOne, 4 kxk branches)", "deit_fm": "VisionTransformer (avg pool)",
            "swin_fm": "SwinTransformer"}
+NOT_MEASURED = "(not measured yet)"
 ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repapq", "repqvit", "repquant")
 
 
@@ -39,18 +41,19 @@ def zoo_table() -> str:
 
 
 def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:+.2f}"
-    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+    return mean_std(values) if values else "-"
+
+
+def _rows(name: str) -> list[dict] | None:
+    """The rows of ``benchmarks/results/<name>.json``, or None before it is measured."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else None
 
 
 def drop_table(name: str, bits: tuple[str, ...]) -> str:
-    path = RESULTS / f"{name}.json"
-    if not path.exists():
-        return "(not measured yet)"
-    rows = json.loads(path.read_text())["rows"]
+    rows = _rows(name)
+    if rows is None:
+        return NOT_MEASURED
     recipes = [m for m in ORDER if any(r["method"] == m for r in rows)]
     lines = ["| model | W/A | FP | " + " | ".join(recipes) + " |", "|---|---|---|" + "---|" * len(recipes)]
     for model in sorted({r["model"] for r in rows}):
@@ -66,10 +69,9 @@ def drop_table(name: str, bits: tuple[str, ...]) -> str:
 
 
 def ablation_table() -> str:
-    path = RESULTS / "repapq_ablation.json"
-    if not path.exists():
-        return "(not measured yet)"
-    rows = json.loads(path.read_text())["rows"]
+    rows = _rows("repapq_ablation")
+    if rows is None:
+        return NOT_MEASURED
     variants = list(dict.fromkeys(r["method"] for r in rows))
     bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
     lines = ["| variant | " + " | ".join(f"W{w}A{a} Δ" for w, a in bits) + " |", "|---|" + "---|" * len(bits)]
@@ -80,10 +82,10 @@ def ablation_table() -> str:
 
 
 def real_table() -> str:
-    path = RESULTS / "transformers_real.json"
-    if not path.exists():
-        return "(not measured yet)"
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["metric"] in ("cosine", "perplexity")]
+    rows = _rows("transformers_real")
+    if rows is None:
+        return NOT_MEASURED
+    rows = [r for r in rows if r["metric"] in ("cosine", "perplexity")]
     lines = ["| model | metric | recipe | W/A | FP | quant | target | met |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['metric']} | {r['method']} | W{r['w_bits']}A{r['a_bits']} | {r['fp']:.4g} | "
@@ -92,10 +94,9 @@ def real_table() -> str:
 
 
 def latency_table() -> str:
-    path = RESULTS / "latency.json"
-    if not path.exists():
-        return "(not measured yet)"
-    all_rows = json.loads(path.read_text())["rows"]
+    all_rows = _rows("latency")
+    if all_rows is None:
+        return NOT_MEASURED
     # The default weight storage per model and batch ("auto"; a model that had only one storage shows it).
     pick: dict[tuple, dict] = {}
     for r in all_rows:

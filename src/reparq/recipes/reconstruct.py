@@ -176,15 +176,10 @@ class UnitTrainer:
                 act_scales.append(aq.scale)
         if act_scales:
             groups.append({"params": act_scales, "lr": self.cfg.lr_act})
-        # Modules that bring their own learnable state (RepQuant's per-channel clipping bounds) say
-        # so with ``recon_param_groups()``: a list of optimizer groups.
-        for m in self.module.modules():
-            hook = getattr(m, "recon_param_groups", None)
-            if callable(hook):
-                for group in hook():
-                    for p in group["params"]:
-                        p.requires_grad_(True)
-                    groups.append(group)
+        for group in self._module_param_groups():
+            for p in group["params"]:
+                p.requires_grad_(True)
+            groups.append(group)
         affines = [p for layer in self.layers if "output_affine" in layer._modules
                    for p in layer._modules["output_affine"].parameters()]
         for p in affines:
@@ -192,6 +187,12 @@ class UnitTrainer:
         if affines:
             groups.append({"params": affines, "lr": self.cfg.lr_affine})
         return torch.optim.Adam(groups) if groups else None
+
+    def _module_param_groups(self) -> list[dict]:
+        """Optimizer groups of modules that bring their own learnable state (RepQuant's per-channel
+        clipping bounds), declared with ``recon_param_groups()``."""
+        return [group for m in self.module.modules() if callable(getattr(m, "recon_param_groups", None))
+                for group in m.recon_param_groups()]
 
     def train(self, q_in: TensorCache, fp_in: TensorCache, fp_out: TensorCache, args: tuple, kwargs: dict,
               reporter: Reporter, extra_loss=None) -> dict:
@@ -234,12 +235,9 @@ class UnitTrainer:
         for aq in getattr(self, "act_quantizers", []):
             aq.drop_prob, aq.drop_generator = 0.0, None
             aq.scale.requires_grad_(False)
-        for m in self.module.modules():
-            hook = getattr(m, "recon_param_groups", None)
-            if callable(hook):
-                for group in hook():
-                    for p in group["params"]:
-                        p.requires_grad_(False)
+        for group in self._module_param_groups():
+            for p in group["params"]:
+                p.requires_grad_(False)
         for layer in self.layers:
             r = layer.__dict__.pop("_rounding", None)
             if r is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from rich.table import Table
 
 COLUMNS = (("model", "model"), ("method", "method"), ("bits", "W/A"), ("fp", "FP"), ("quant", "quant"),
@@ -40,3 +42,10 @@ def markdown_table(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r, k) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def mean_std(values: list[float]) -> str:
+    """A signed accuracy difference, or ``mean ± std`` over seeds when there are several."""
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
