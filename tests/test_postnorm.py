@@ -212,3 +212,29 @@ def test_calibration_uses_each_channel_range():
     assert hi[0] < 0 < lo[-1]
     pct_scale, _ = percentile_search_params(r, 4, False, axis=-1, widen=False)
     assert (pct_scale <= aq.scale + 1e-7).all()  # percentile ranges are never wider than min/max
+
+
+def test_llama_rmsnorm_pairs_fold_exactly():
+    """LLaMA's input/post-attention RMSNorms pair with q/k/v and gate/up (bias-free consumers:
+    the shared zero point leaves no shift), and the model-level fold is exact."""
+    from tests.test_hf_adapters import LAYERS, tiny_llama
+
+    model = tiny_llama(kv_heads=2).double()
+    pairs = find_postnorm_pairs(model)
+    assert [(p.norm, p.consumers) for p in pairs] == [
+        pair for i in range(LAYERS) for pair in (
+            (f"model.layers.{i}.input_layernorm", tuple(f"model.layers.{i}.self_attn.{c}_proj" for c in "qkv")),
+            (f"model.layers.{i}.post_attention_layernorm", (f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj")))]
+    ids = torch.randint(1, 64, (24, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": b} for b in ids.split(8)]
+    cfg = QuantConfig(w_bits=4, a_bits=4, keep_first_last_8bit=False)
+    got = prepare_transformer(model, batches, cfg, RepQViTOptions(), seed=0, reporter=SILENT)
+    assert len(got) == len(pairs)
+    for _, layer in quantized_layers(model):
+        layer.weight_quantizer.enabled = False
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        fold_postnorm_pairs(model, got)
+        after = model(input_ids=ids).logits
+    assert not any(isinstance(model.get_submodule(p.norm), ShiftedNorm) for p in got)  # no extra op
+    torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)

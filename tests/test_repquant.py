@@ -154,3 +154,30 @@ def test_recipes_registered_and_options_checked():
         reparq.quantize(model, x, recipe="repquant", probs="cubic")
     with pytest.raises(ReparqError, match="unknown option"):
         reparq.quantize(model, x, recipe="repqvit", iters=5)
+
+
+def test_dual_clip_shared_zero_point_covers_each_channel():
+    """Bias-free norms (RMSNorm) learn per-channel bounds with one zero point: every channel's grid
+    still covers its own bounds, and the zero point is the same integer everywhere."""
+    lo, hi = torch.tensor([-1.0, -0.1, 0.5, -4.0]), torch.tensor([1.0, 3.0, 2.0, 0.2])
+    q = DualClipQuantizer(4, lo, hi, shared_zero_point=True)
+    scale, zp = q.materialize()
+    assert torch.equal(zp, zp[:1].expand_as(zp)) and zp[0] == zp[0].round()
+    assert bool(((q.qmin - zp) * scale <= torch.minimum(lo, torch.zeros(4)) + 1e-6).all())
+    assert bool(((q.qmax - zp) * scale >= torch.maximum(hi, torch.zeros(4)) - 1e-6).all())
+
+
+def test_llama_repquant_folds_rmsnorm_pairs_without_extra_ops():
+    """On LLaMA every decoder layer's two RMSNorm pairs are reparameterized and folded, with no
+    ShiftedNorm left (one zero point) and layer-wise inputs on the consumers."""
+    from reparq.model.postnorm import ShiftedNorm
+    from tests.test_hf_adapters import LAYERS, tiny_llama
+
+    ids = torch.randint(1, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+    q = reparq.quantize(tiny_llama(), {"input_ids": ids}, recipe="repquant", w_bits=4, a_bits=4, iters=4,
+                        clip_iters=4, batch_size=8, keep_first_last_8bit=False)
+    assert len(q.reparq_postnorm_pairs) == 2 * LAYERS
+    assert not any(isinstance(m, ShiftedNorm) for m in q.modules())
+    consumers = [q.get_submodule(f"model.layers.{i}.self_attn.q_proj") for i in range(LAYERS)]
+    assert all(c.input_quantizer.scale.numel() == 1 for c in consumers)
+    assert bool(torch.isfinite(q(input_ids=ids).logits).all())

@@ -94,6 +94,16 @@ def find_postnorm_pairs(model: nn.Module) -> list[NormPair]:
             if width is not None and any(modules[c].in_features != width for c in consumers):
                 continue
             pairs.append(NormPair(prefix + norm_rel, tuple(consumers)))
+    # Hugging Face families (LLaMA's RMSNorms) come from their own table; only norms whose output
+    # feeds nothing but the consumers (not BERT's post-LN, which is also the residual) can fold.
+    from reparq.model.hf_adapters import norm_consumers
+
+    known = {p.norm for p in pairs}
+    for norm_name, consumers, exclusive in norm_consumers(model):
+        norm = modules.get(norm_name)
+        if exclusive and norm_name not in known and norm is not None and is_norm(norm) \
+                and all(isinstance(modules.get(c), nn.Linear) for c in consumers):
+            pairs.append(NormPair(norm_name, tuple(consumers)))
     return pairs
 
 

@@ -5,7 +5,9 @@ and upper bounds (not its scale) are learned by the block reconstruction loss.
 ``x_hat = s_c * (clamp(round(x / s_c) + z_c, qmin, qmax) - z_c)``. The bounds are stored as
 offsets in units of each channel's initial range, ``lo = lo0 + d_lo * (hi0 - lo0)``, so one
 learning rate suits channels whose ranges differ by orders of magnitude (which is the point of
-calibrating them per channel). The zero point may lie outside the grid while calibrating, as in
+calibrating them per channel). With ``shared_zero_point`` (bias-free norms such as RMSNorm) all
+channels share one zero point, the rounded mean of their own, and each channel's scale is the
+smallest that covers its bounds around it: the fold then needs no shift. The zero point may lie outside the grid while calibrating, as in
 the percentile initialization; :func:`reparq.model.postnorm.fold_postnorm` makes it layer-wise
 and in range. The learned bounds are turned into fixed ``(scale, zero_point)`` by
 :meth:`DualClipQuantizer.materialize` before the fold.
@@ -22,8 +24,10 @@ _EPS = 1e-8
 
 
 class DualClipQuantizer(UniformQuantizer):
-    def __init__(self, bits: int, lo: torch.Tensor, hi: torch.Tensor, channel_axis: int = -1, lr: float = 1e-3) -> None:
+    def __init__(self, bits: int, lo: torch.Tensor, hi: torch.Tensor, channel_axis: int = -1, lr: float = 1e-3,
+                 shared_zero_point: bool = False) -> None:
         super().__init__(bits, symmetric=False, channel_axis=channel_axis)
+        self.shared_zero_point = shared_zero_point
         lo, hi = lo.detach().float().reshape(-1), hi.detach().float().reshape(-1)
         width = (hi - lo).clamp_min(_EPS)
         self.register_buffer("lo0", lo.clone())
@@ -41,6 +45,12 @@ class DualClipQuantizer(UniformQuantizer):
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.bounds()
+        if self.shared_zero_point:  # for bias-free norms: one zero point, each channel's scale covers its bounds
+            lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+            own = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
+            z = torch.clamp(round_ste((self.qmin - lo / own).mean()), self.qmin + 1, self.qmax - 1)
+            scale = torch.maximum(-lo / (z - self.qmin), hi / (self.qmax - z)).clamp_min(_EPS)
+            return scale, z.expand_as(scale)
         scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
         zero_point = round_ste(self.qmin - lo / scale)
         return scale, zero_point

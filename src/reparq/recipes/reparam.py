@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from reparq.config import QuantConfig
-from reparq.model.postnorm import NormPair, fold_postnorm
+from reparq.model.postnorm import NormPair, fold_postnorm, norm_has_bias, shared_zero_point_params
 from reparq.nn.qmodules import QuantizedLayer, quantized_layers
 from reparq.quant.dual_clip import DualClipQuantizer
 from reparq.quant.percentile_search import percentile_search_params, unwidened_params
@@ -109,9 +109,14 @@ def calibrate_postnorm(model: nn.Module, pairs: list[NormPair], rows: dict[str, 
         layers = _consumers(model, pair)
         bits = layers[0].input_quantizer.bits
         scale, zp = channel_params(rows[pair.norm], bits, method)
+        lo, hi = (layers[0].input_quantizer.qmin - zp) * scale, (layers[0].input_quantizer.qmax - zp) * scale
+        # A norm without a bias (RMSNorm) has nowhere to put the fold's shift: one zero point for
+        # all channels makes the shift vanish, so the fold adds no op (postnorm module docstring).
+        one_zero_point = not norm_has_bias(model.get_submodule(pair.norm))
+        if one_zero_point and not learnable:
+            scale, zp = shared_zero_point_params(lo, hi, bits)
         if learnable:
-            lo, hi = (layers[0].input_quantizer.qmin - zp) * scale, (layers[0].input_quantizer.qmax - zp) * scale
-            shared = DualClipQuantizer(bits, lo, hi, channel_axis=-1, lr=lr)
+            shared = DualClipQuantizer(bits, lo, hi, channel_axis=-1, lr=lr, shared_zero_point=one_zero_point)
             for layer in layers:
                 layer.input_quantizer = shared
             continue
