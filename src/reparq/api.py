@@ -118,6 +118,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_recipe(recipe: str, w_bits: int, a_bits: int, options: dict):
+    """(recipe spec, QuantConfig, recipe options) from a recipe name and keyword options, which are
+    QuantConfig fields or the recipe's own; anything else is an error naming what is allowed."""
+    from reparq.recipes.registry import get_recipe
+
+    spec = get_recipe(recipe)
+    recipe_fields = [f.name for f in dataclasses.fields(spec.options)] if spec.options else []
+    allowed = QuantConfig.option_names() + recipe_fields
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ReparqError(f"unknown option(s) {', '.join(unknown)} for recipe {recipe!r}; allowed: {', '.join(allowed)}")
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits,
+                         **{**spec.defaults, **{k: v for k, v in options.items() if k not in recipe_fields}})
+    recipe_options = spec.options(**{k: v for k, v in options.items() if k in recipe_fields}) if spec.options else None
+    return spec, config, recipe_options
+
+
 def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None, w_bits: int | None = None,
              a_bits: int | None = None, seed: int | None = None, batch_size: int | None = None,
              reporter: Reporter | None = None, config: Any = None, forward_loop: Any = None,
@@ -135,7 +152,6 @@ def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None
     the reconstruction recipes). The returned model is a fake-quant
     ``nn.Module`` (same inputs and outputs as the original) carrying ``reparq_info``.
     """
-    from reparq.recipes.registry import get_recipe
 
     if config is not None:
         from reparq.runconfig import quantize_arguments
@@ -154,15 +170,7 @@ def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None
         calib_data = record_forward_loop(model, forward_loop)
     elif calib_data is None:
         raise ReparqError("no calibration data: pass a tensor or batches, or forward_loop=fn(model)")
-    spec = get_recipe(recipe)
-    recipe_fields = [f.name for f in dataclasses.fields(spec.options)] if spec.options else []
-    allowed = QuantConfig.option_names() + recipe_fields
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ReparqError(f"unknown option(s) {', '.join(unknown)} for recipe {recipe!r}; allowed: {', '.join(allowed)}")
-    config = QuantConfig(w_bits=w_bits, a_bits=a_bits,
-                         **{**spec.defaults, **{k: v for k, v in options.items() if k not in recipe_fields}})
-    recipe_options = spec.options(**{k: v for k, v in options.items() if k in recipe_fields}) if spec.options else None
+    spec, config, recipe_options = resolve_recipe(recipe, w_bits, a_bits, options)
     if not isinstance(model, nn.Module):
         raise ReparqError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -36,38 +36,55 @@ def save(qmodel: nn.Module, directory: str | Path, source: str | None = None) ->
     ``source`` says how to rebuild the float architecture at load time (``zoo:NAME``); without
     it, :func:`load` needs the float model passed in.
     """
-    from reparq import __version__
-
     info = getattr(qmodel, "reparq_info", None)
     if info is None:
         raise ReparqError("only models returned by reparq.quantize can be saved")
+    layers, tensors = export_state(qmodel)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / TENSOR_FILE), metadata={"format": FORMAT})
+    write_meta(directory, info, layers, describe_attention(qmodel), type(qmodel).__name__,
+               source or info.extra.get("source"))
+    return directory
+
+
+def export_state(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(per-layer quantizer description, tensors) of a quantized model or of a part of one whose
+    submodules carry their full-model names (streamed calibration saves one decoder layer at a
+    time this way): integer weights for quantized layers, every other tensor as it is."""
     layers = {}
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, layer in quantized_layers(qmodel):
+        for name, layer in quantized_layers(module):
             wq = layer.weight_quantizer
             layers[name] = {"type": type(layer).__name__, "weight": _quantizer_meta(wq),
                             "input": _quantizer_meta(layer.input_quantizer)}
             if not wq.is_float and wq.initialized:
-                tensors[name + _INT_SUFFIX] = wq.to_int(layer.quantized_weight()).to(torch.int8)
-    for key, value in qmodel.state_dict().items():
+                tensors[name + _INT_SUFFIX] = wq.to_int(layer.quantized_weight()).to(torch.int8).cpu()
+    for key, value in module.state_dict().items():
         layer_name = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and layer_name + _INT_SUFFIX in tensors:
             continue  # stored as integers
-        tensors[key] = value.detach().contiguous()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+        tensors[key] = value.detach().cpu().contiguous()
+    return layers, tensors
+
+
+def write_meta(directory: Path, info, layers: dict, attention: dict, architecture: str, source: str | None,
+               shards: list[str] | None = None) -> None:
+    """``reparq.json``; ``shards`` lists the tensor files when there is more than ``model.safetensors``."""
+    from reparq import __version__
+
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "reparq_version": __version__,
-            "source": source or info.extra.get("source"), "architecture": type(qmodel).__name__,
-            "info": asdict(info), "layers": layers, "attention": describe_attention(qmodel)}
-    save_file(tensors, str(directory / TENSOR_FILE), metadata={"format": FORMAT})
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    return directory
+            "source": source, "architecture": architecture, "info": asdict(info), "layers": layers,
+            "attention": attention}
+    if shards:
+        meta["shards"] = shards
+    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
 
 
 def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta_path, tensor_path = directory / META_FILE, directory / TENSOR_FILE
-    if not meta_path.exists() or not tensor_path.exists():
+    meta_path = directory / META_FILE
+    if not meta_path.exists():
         raise ReparqError(f"{directory} is not a saved reparq model (needs {META_FILE} and {TENSOR_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
@@ -76,11 +93,32 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ReparqError(f"{directory} holds format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                           f"this reparq reads {FORMAT!r} version {FORMAT_VERSION}")
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ReparqError(f"{tensor_path} is corrupt: {exc}") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    for name in meta.get("shards") or [TENSOR_FILE]:
+        path = directory / name
+        if not path.exists():
+            raise ReparqError(f"{directory} is not a complete saved reparq model: {name} is missing")
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ReparqError(f"{path} is corrupt: {exc}") from exc
     return meta, tensors
+
+
+def _model_from_source(directory: Path, source: str) -> nn.Module:
+    if source.startswith("zoo:"):
+        from reparq.zoo import load_model
+
+        return load_model(source.removeprefix("zoo:"))
+    if source.startswith("hf:"):  # the architecture from its config; every weight comes from the saved state
+        from reparq.stream.skeleton import load_config
+
+        from transformers import AutoModelForCausalLM
+
+        config = load_config(source.removeprefix("hf:"))
+        config.use_cache = False
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    raise ReparqError(f"{directory} does not say how to build its model; pass it: reparq.load(dir, model=...)")
 
 
 def _restore_quantizer(q, meta: dict, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -97,12 +135,7 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     directory = Path(directory)
     meta, tensors = _read(directory)
     if model is None:
-        source = meta.get("source") or ""
-        if not source.startswith("zoo:"):
-            raise ReparqError(f"{directory} does not say how to build its model; pass it: reparq.load(dir, model=...)")
-        from reparq.zoo import load_model
-
-        model = load_model(source.removeprefix("zoo:"))
+        model = _model_from_source(directory, meta.get("source") or "")
     model.eval()
     prepare_for_deployment(model)
     by_type = {cls.__name__: (float_cls, cls) for float_cls, cls in QUANTIZED_TYPES.items()}

@@ -10,6 +10,7 @@ import torch.nn as nn
 from reparq.config import QuantConfig
 from reparq.nn.attention import matmul_quantizers
 from reparq.nn.qmodules import quantized_layers
+from reparq.parallel import merge_observer
 from reparq.progress import SILENT, Reporter
 from reparq.quant.observer import ActivationObserver
 from reparq.quant.ranges import estimate_params
@@ -53,12 +54,18 @@ def activation_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def init_activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig,
-                           seed: int = 0, reporter: Reporter = SILENT, params_fn=None) -> None:
+                           seed: int = 0, reporter: Reporter = SILENT, params_fn=None,
+                           observer_index: dict[str, int] | None = None) -> None:
     """Observe every activation quantizer's input on the float model over the calibration batches,
     then pick ranges: ``params_fn(observer, quantizer) -> (scale, zero_point)`` when given (a
-    recipe's own estimator), else ``config.a_estimator``."""
+    recipe's own estimator), else ``config.a_estimator``.
+
+    Observer ``i`` subsamples with seed ``seed + i``; ``observer_index`` gives each quantizer its
+    index in the whole model when ``model`` is one part of it (streamed calibration). Under data
+    parallelism (:mod:`reparq.parallel`) the observers are merged over ranks first."""
     layers = activation_quantizers(model)
-    observers = {n: ActivationObserver(config.observer_samples, seed=seed + i) for i, (n, _) in enumerate(layers)}
+    index = observer_index or {n: i for i, (n, _) in enumerate(layers)}
+    observers = {n: ActivationObserver(config.observer_samples, seed=seed + index[n]) for n, _ in layers}
     hooks = [quantizer.register_forward_pre_hook(lambda m, args, n=n: observers[n].update(args[0]))
              for n, quantizer in layers]
     set_quant_enabled(model, weights=False, inputs=False)
@@ -72,6 +79,7 @@ def init_activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor], co
         for h in hooks:
             h.remove()
     for name, aq in layers:
+        merge_observer(observers[name])
         if params_fn is not None:
             scale, zp = params_fn(observers[name], aq)
         else:

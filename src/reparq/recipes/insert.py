@@ -50,15 +50,23 @@ def layer_bits(names: list[str], config: QuantConfig) -> dict[str, tuple[int, in
     return bits
 
 
-def insert_quantizers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[int, int]]:
-    """Replace layers in place; returns {layer name: (w_bits, a_bits)}."""
+def insert_quantizers(model: nn.Module, config: QuantConfig,
+                      bits: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[int, int]]:
+    """Replace layers in place; returns {layer name: (w_bits, a_bits)}.
+
+    ``bits``: the bit widths decided on the whole model, when ``model`` holds only part of it
+    (streamed calibration: the first/last-layer rule must see the whole model); its layers
+    not named there are left in float."""
     names = quantizable_layers(model, config)
+    if bits is not None:
+        names = [n for n in names if n in bits]
     if not names:
         raise ReparqError("the model has no Conv2d or Linear layer left to quantize (check the ignore list)")
-    for pattern in config.ignore:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in model.named_modules()):
-            warnings.warn(f"ignore pattern {pattern!r} matches no module", stacklevel=2)
-    bits = layer_bits(names, config)
+    if bits is None:
+        for pattern in config.ignore:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in model.named_modules()):
+                warnings.warn(f"ignore pattern {pattern!r} matches no module", stacklevel=2)
+    bits = layer_bits(names, config) if bits is None else bits
     for name in names:
         module = model.get_submodule(name)
         w_bits, a_bits = bits[name]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from reparq import parallel
 from reparq.model.blocks import Unit
 from reparq.nn.attention import MatmulQuantizers
 from reparq.nn.qmodules import QuantizedLayer
@@ -143,9 +144,17 @@ def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
     return (pred - target).abs().pow(p).flatten(1).sum(1).mean()
 
 
+def module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, batch_size: int) -> list[torch.Tensor]:
-    return [_first(module(x, *args, **kwargs)).detach() for x in cache.batches(batch_size)]
+    """The unit's outputs on every cached input, kept on the CPU (caches live there; the unit may
+    run on a GPU)."""
+    dev = module_device(module)
+    return [_first(module(x.to(dev), *args, **kwargs)).detach().cpu() for x in cache.batches(batch_size)]
 
 
 class UnitTrainer:
@@ -205,23 +214,37 @@ class UnitTrainer:
         opt = self._setup()
         history = []
         cfg = self.cfg
+        dp = parallel.current()
+        dev = module_device(self.module)
+        n = dp.total() if dp is not None else len(q_in)  # global sample count under data parallelism
         if opt is not None and cfg.iters > 0:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
+            params = [p for group in opt.param_groups for p in group["params"]]
             for step in range(cfg.iters):
-                idx = torch.randint(0, len(q_in), (min(cfg.recon_batch_size, len(q_in)),), generator=self.gen)
-                x = q_in.take(idx)
+                # Every rank draws the same global minibatch and works on the samples it holds.
+                idx = torch.randint(0, n, (min(cfg.recon_batch_size, n),), generator=self.gen)
+                mine, local = dp.local(idx) if dp is not None else (None, idx)
+                x = q_in.take(local)
                 if cfg.drop_prob > 0:  # QDrop also mixes the unit's input between quantized and float
-                    x = torch.where(torch.rand(x.shape, generator=self.gen) < cfg.drop_prob, fp_in.take(idx), x)
-                out = _first(self.module(x, *args, **kwargs))
-                rec = lp_loss(out, fp_out.take(idx), cfg.loss_p)
-                loss = cfg.block_weight * rec
-                if extra_loss is not None:
-                    loss = loss + extra_loss(out, idx)
-                beta = beta_schedule(step, cfg.iters, cfg.warmup)
-                if beta is not None and self.roundings:
-                    loss = loss + cfg.reg_weight * sum(r.regularizer(beta) for r in self.roundings)
+                    keep = torch.rand((len(idx), *x.shape[1:]), generator=self.gen) < cfg.drop_prob
+                    x = torch.where(keep if mine is None else keep[mine], fp_in.take(local), x)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = torch.zeros((), device=dev)
+                rec = torch.zeros((), device=dev)
+                if len(local):
+                    out = _first(self.module(x.to(dev), *args, **kwargs))
+                    # Sum over this rank's samples / global minibatch size: summed over ranks, the mean.
+                    rec = lp_loss(out, fp_out.take(local).to(dev), cfg.loss_p) * (len(local) / len(idx))
+                    loss = cfg.block_weight * rec
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(out, local)
+                beta = beta_schedule(step, cfg.iters, cfg.warmup)
+                if beta is not None and self.roundings and (dp is None or dp.rank == 0):
+                    loss = loss + cfg.reg_weight * sum(r.regularizer(beta) for r in self.roundings)
+                if loss.requires_grad:
+                    loss.backward()
+                parallel.all_reduce_grads(params)
+                rec = parallel.all_reduce_(rec.detach().clone())
                 opt.step()
                 sched.step()
                 for aq in self.act_quantizers:  # keep learned step sizes valid
@@ -269,8 +292,6 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
     q_prev_out: list[torch.Tensor] | None = None
     fp_prev_out: list[torch.Tensor] | None = None
     for k, unit in enumerate(ordered):
-        module = model.get_submodule(unit.name)
-        args, kwargs = calls[unit.name].args, calls[unit.name].kwargs
         # Inputs: propagated from the previous unit when chained, else captured by prefix passes
         # (float: every quantizer off; quantized: the finished units before this one on).
         if chained[k] and fp_prev_out is not None:
@@ -280,18 +301,36 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
             fp_in_b = capture_inputs(model, unit, batches)
             _set_units_quant(model, ordered[:k], True)
             q_in_b = capture_inputs(model, unit, batches)
-        mk = dict(threshold_mb=cfg.cache_threshold_mb, cache_dir=cfg.cache_dir)
-        fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", **mk)
-        q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", **mk)
-        fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.recon_batch_size * 8)
-        fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
-        _set_units_quant(model, [unit], True)
-        extra = make_extra_loss(model, unit, k, ordered, fp_out, args, kwargs) if make_extra_loss else None
-        trainer = UnitTrainer(model, unit, cfg, seed=seed * 1000 + k)
-        stats.append(trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra))
-        fp_prev_out = fp_out_b
-        q_prev_out = run_unit(module, q_in, args, kwargs, cfg.recon_batch_size * 8)
-        for cache in (fp_in, q_in, fp_out):
-            cache.close()
+        make_extra = None
+        if make_extra_loss is not None:
+            def make_extra(fp_out, k=k, unit=unit):
+                return make_extra_loss(model, unit, k, ordered, fp_out, calls[unit.name].args, calls[unit.name].kwargs)
+        stat, fp_prev_out, q_prev_out = reconstruct_unit(model, unit, fp_in_b, q_in_b, calls[unit.name].args,
+                                                         calls[unit.name].kwargs, cfg, seed * 1000 + k, reporter,
+                                                         make_extra)
+        stats.append(stat)
     _set_units_quant(model, ordered, True)
     return stats
+
+
+def reconstruct_unit(model: nn.Module, unit: Unit, fp_in_b: list[torch.Tensor], q_in_b: list[torch.Tensor],
+                     args: tuple, kwargs: dict, cfg: ReconConfig, unit_seed: int, reporter: Reporter = SILENT,
+                     make_extra=None) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """One unit, given its float and quantized-prefix inputs (batches); its quantizers must be off.
+
+    Returns (stats, float outputs, quantized outputs): the next unit's inputs. The streamed path
+    (:mod:`reparq.stream`) calls this directly, one decoder layer at a time."""
+    module = model.get_submodule(unit.name)
+    mk = dict(threshold_mb=cfg.cache_threshold_mb, cache_dir=cfg.cache_dir)
+    fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", **mk)
+    q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", **mk)
+    fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.recon_batch_size * 8)
+    fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
+    _set_units_quant(model, [unit], True)
+    extra = make_extra(fp_out) if make_extra is not None else None
+    trainer = UnitTrainer(model, unit, cfg, seed=unit_seed)
+    stat = trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra)
+    q_out_b = run_unit(module, q_in, args, kwargs, cfg.recon_batch_size * 8)
+    for cache in (fp_in, q_in, fp_out):
+        cache.close()
+    return stat, fp_out_b, q_out_b

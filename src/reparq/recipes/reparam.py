@@ -23,6 +23,7 @@ import torch.nn as nn
 from reparq.config import QuantConfig
 from reparq.model.postnorm import NormPair, fold_postnorm, norm_has_bias, shared_zero_point_params
 from reparq.nn.qmodules import QuantizedLayer, quantized_layers
+from reparq.parallel import gather_cat
 from reparq.quant.dual_clip import DualClipQuantizer
 from reparq.quant.percentile_search import percentile_search_params, unwidened_params
 from reparq.quant.ranges import estimate_params
@@ -82,7 +83,8 @@ def observe_norm_outputs(model: nn.Module, pairs: list[NormPair], batches: list[
         for h in handles:
             h.remove()
         set_quant_enabled(model, weights=True, inputs=True)
-    return {name: torch.cat(r)[:max_rows] for name, r in rows.items() if r}
+    # Under data parallelism every rank gets all ranks' rows (rank order = single-process order).
+    return {name: gather_cat(torch.cat(r))[:max_rows] for name, r in rows.items() if r}
 
 
 def channel_params(rows: torch.Tensor, bits: int, method: str = "percentile") -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,16 +60,18 @@ class RepQViTOptions:
 
 
 def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options, seed: int, reporter: Reporter,
-                        learnable_clip: bool = False, clip_lr: float = 1e-3):
+                        learnable_clip: bool = False, clip_lr: float = 1e-3, bits: dict | None = None,
+                        observer_index: dict[str, int] | None = None):
     """Steps 1-3 up to (not including) the fold: quantizers in, ranges set, post-norm inputs per
-    channel. Returns the pairs to fold. Shared with ``repquant``."""
+    channel. Returns the pairs to fold. Shared with ``repquant`` and the streamed path (which
+    passes the whole model's ``bits`` and ``observer_index``, see :mod:`reparq.stream`)."""
     prepare_for_deployment(model)
-    insert_quantizers(model, config)
+    insert_quantizers(model, config, bits=bits)
     adapt_attention(model, config.a_bits, probs=options.probs, ignore=config.ignore)
     percentile = options.ranges == "percentile"
     init_weight_ranges_for(model, config, percentile=percentile)
     init_activation_ranges(model, batches, config, seed=seed, reporter=reporter,
-                           params_fn=percentile_activation_params if percentile else None)
+                           params_fn=percentile_activation_params if percentile else None, observer_index=observer_index)
     pairs = quantizable_pairs(model, find_postnorm_pairs(model)) if options.reparam else []
     if pairs:
         reporter.stage("post-norm statistics", total=1)
