@@ -206,3 +206,23 @@ def test_clear_errors(tmp_path):
         quantize_streamed(src, _ids(), tmp_path / "out", recipe="qdrop")
     with pytest.raises(ReparqError, match="token ids"):
         quantize_streamed(src, torch.randn(4, 8), tmp_path / "out")
+
+
+def test_cli_stream_matches_api_and_refuses_missing_gpu(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from reparq.cli import main
+
+    src = _saved(_llama(), tmp_path / "src")
+    ids = _ids()
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    argv = ["stream", str(src), "--calib", f"tensor:{tmp_path / 'ids.safetensors'}", "--calib-size", "20",
+            "--batch-size", "8", "--w-bits", "4", "--a-bits", "4", "-q"]
+    assert main(argv + ["--out", str(tmp_path / "cli")]) == 0
+    assert "4 steps (3 layers + head)" in capsys.readouterr().out
+    api = quantize_streamed(src, ids, tmp_path / "api", w_bits=4, a_bits=4, batch_size=8)
+    a, b = _tensors(api.out_dir), _tensors(tmp_path / "cli")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    if not torch.cuda.is_available():
+        assert main(argv + ["--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

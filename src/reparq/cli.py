@@ -420,6 +420,49 @@ def zoo_train(
         console.print(f"{name}: FP top-1 {card['fp_top1']:.2f}%")
 
 
+@app.command()
+def stream(
+    model_dir: str = typer.Argument(..., help="Hugging Face decoder directory: config.json + (sharded) safetensors"),
+    calib: str = typer.Option(..., "--calib", help="text:FILE (cut into windows by the model's tokenizer) "
+                              "or tensor:FILE (a safetensors file of token ids [N, T])"),
+    out: str = typer.Option(..., "--out", "-o", help="directory for the quantized model (reparq.load reads it)"),
+    recipe: str = typer.Option("repqvit", "--recipe", "-r", help="repqvit or repquant"),
+    w_bits: int = typer.Option(8, "--w-bits"),
+    a_bits: int = typer.Option(8, "--a-bits"),
+    seed: int = typer.Option(0, "--seed"),
+    calib_size: int = typer.Option(128, "--calib-size", help="calibration windows"),
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per window (text:FILE)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="repquant: weight reconstruction steps per layer"),
+    clip_iters: Optional[int] = typer.Option(None, "--clip-iters", help="repquant: dual-clipping steps per layer"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="resume state (default OUT/.stream-state)"),
+    restart: bool = typer.Option(False, "--restart", help="ignore a previous run's state and start over"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Quantize a decoder one layer at a time (memory: one layer + cached activations); rerun the
+    same command to resume after an interruption; run under `torchrun --nproc-per-node N -m
+    reparq.cli stream ...` to split the calibration data over N processes."""
+    from types import SimpleNamespace
+
+    from reparq.parallel import data_parallel
+    from reparq.sources import load_calibration
+    from reparq.stream import quantize_streamed
+
+    options = {k: v for k, v in (("iters", iters), ("clip_iters", clip_iters)) if v is not None}
+    spec = SimpleNamespace(source=calib, size=calib_size, seq_len=seq_len)
+    ids = load_calibration(spec, model_source=f"hf:{model_dir}", seed=seed)
+    with data_parallel() as dp, _progress(quiet or (dp is not None and dp.rank > 0)) as bar:
+        reporter = RichReporter(bar)
+        result = quantize_streamed(model_dir, ids, out, recipe=recipe, w_bits=w_bits, a_bits=a_bits, seed=seed,
+                                   batch_size=batch_size, device=device, work_dir=work_dir, restart=restart,
+                                   reporter=reporter, **options)
+        if dp is None or dp.rank == 0:
+            resumed = f", resumed at step {result.resumed_at}" if result.resumed_at else ""
+            console.print(f"{result.out_dir}: {result.steps} steps ({result.steps - 1} layers + head){resumed}; "
+                          f"calibration {result.calib_seconds:.1f} s, peak memory {result.peak_mem_mb:.0f} MB")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -22,7 +22,7 @@ class ActivationObserver:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().reshape(-1)
+        flat = x.detach().float().reshape(-1).cpu()  # statistics live on the CPU whatever device the model runs on
         if not bool(torch.isfinite(flat).all()):
             raise FloatingPointError("non-finite activation observed during calibration")
         self.min = torch.minimum(self.min, flat.min())
@@ -32,8 +32,8 @@ class ActivationObserver:
         if pool.numel() > self.max_samples:
             # Keep each value seen so far with equal probability: weight new values by batch share.
             keep_old = round(self.max_samples * (self.seen - flat.numel()) / self.seen)
-            old = self.samples[torch.randperm(self.samples.numel(), generator=self.gen)[:keep_old]]
-            new = flat[torch.randperm(flat.numel(), generator=self.gen)[:self.max_samples - keep_old]]
+            old = self.samples[torch.randperm(self.samples.numel(), generator=self.gen, device="cpu").to(pool.device)[:keep_old]]
+            new = flat[torch.randperm(flat.numel(), generator=self.gen, device="cpu").to(pool.device)[:self.max_samples - keep_old]]
             pool = torch.cat([old, new])
         self.samples = pool
 

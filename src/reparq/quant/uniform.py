@@ -95,8 +95,10 @@ class UniformQuantizer(nn.Module):
             raise ReparqError("a symmetric quantizer needs zero_point == 0")
         if bool((scale <= 0).any()) or not bool(torch.isfinite(scale).all()):
             raise ReparqError("quantization scales must be positive and finite")
-        self.scale = nn.Parameter(scale, requires_grad=self.scale.requires_grad)
-        self.zero_point = torch.round(zero_point)
+        # Stay where the quantizer lives (its layer may be on a GPU while statistics were on the CPU).
+        device = self.scale.device
+        self.scale = nn.Parameter(scale.to(device), requires_grad=self.scale.requires_grad)
+        self.zero_point = torch.round(zero_point).to(device)
         self.initialized = True
 
     def shaped_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +120,7 @@ class UniformQuantizer(nn.Module):
         scale, zero_point = self.shaped_params(x)
         x_hat = fake_quant(x, scale, zero_point, self.qmin, self.qmax)
         if self.drop_prob > 0:
-            keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
+            keep_float = (torch.rand(x.shape, generator=self.drop_generator, device="cpu") < self.drop_prob).to(x.device)
             return torch.where(keep_float, x, x_hat)
         return x_hat
 

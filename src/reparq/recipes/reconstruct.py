@@ -222,11 +222,11 @@ class UnitTrainer:
             params = [p for group in opt.param_groups for p in group["params"]]
             for step in range(cfg.iters):
                 # Every rank draws the same global minibatch and works on the samples it holds.
-                idx = torch.randint(0, n, (min(cfg.recon_batch_size, n),), generator=self.gen)
+                idx = torch.randint(0, n, (min(cfg.recon_batch_size, n),), generator=self.gen, device="cpu")
                 mine, local = dp.local(idx) if dp is not None else (None, idx)
                 x = q_in.take(local)
                 if cfg.drop_prob > 0:  # QDrop also mixes the unit's input between quantized and float
-                    keep = torch.rand((len(idx), *x.shape[1:]), generator=self.gen) < cfg.drop_prob
+                    keep = torch.rand((len(idx), *x.shape[1:]), generator=self.gen, device="cpu") < cfg.drop_prob
                     x = torch.where(keep if mine is None else keep[mine], fp_in.take(local), x)
                 opt.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=dev)

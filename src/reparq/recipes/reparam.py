@@ -68,9 +68,9 @@ def observe_norm_outputs(model: nn.Module, pairs: list[NormPair], batches: list[
     rows: dict[str, list[torch.Tensor]] = {p.norm: [] for p in pairs}
 
     def hook(module, args, out, name):
-        flat = out.detach().float().reshape(-1, out.shape[-1])
+        flat = out.detach().float().reshape(-1, out.shape[-1]).cpu()
         if flat.shape[0] > per_batch:
-            flat = flat[torch.randperm(flat.shape[0], generator=gen)[:per_batch]]
+            flat = flat[torch.randperm(flat.shape[0], generator=gen, device="cpu").to(flat.device)[:per_batch]]
         rows[name].append(flat)
 
     handles = [model.get_submodule(p.norm).register_forward_hook(lambda m, a, o, n=p.norm: hook(m, a, o, n))

@@ -24,6 +24,7 @@ resumes. Under ``torchrun`` the calibration batches are split over ranks
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -99,6 +100,11 @@ def _plan(skeleton: nn.Module, config, options) -> Plan:
                 {u.name: k for k, u in enumerate(units)}, {u.name: u.stage for u in units}, bool(pairs))
 
 
+def _default_device(device: str):
+    """New tensors (the quantizers a step inserts) on the step's device; a no-op on the CPU."""
+    return torch.device(device) if str(device) != "cpu" else contextlib.nullcontext()
+
+
 def release_memory() -> None:
     """Free this step's tensors before the next layer loads: collect module reference cycles, then
     hand freed heap pages back to the OS. Without ``malloc_trim`` glibc keeps them (its mmap
@@ -168,6 +174,8 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     from reparq.api import QuantInfo, resolve_recipe
     from reparq.model.hf_adapters import hf_family, register_hf_attention
 
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ReparqError(f"device {device!r} requested but no CUDA device is visible")
     if recipe not in STREAMABLE:
         raise ReparqError(f"streamed calibration supports the recipes {', '.join(STREAMABLE)}, not {recipe!r}")
     if not isinstance(calib_ids, torch.Tensor) or calib_ids.ndim != 2 or calib_ids.dtype not in (torch.long, torch.int):
@@ -213,15 +221,17 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
             is_head = step == n_layers
             if is_head:
                 host, unit_name = _head_host(skeleton, checkpoint, device, tied)
-                streams = _run_step(host, unit_name, streams, phases, config, opts, plan, seed, reporter,
-                                    (), {}, device, head=True)
+                with _default_device(device):
+                    streams = _run_step(host, unit_name, streams, phases, config, opts, plan, seed, reporter,
+                                        (), {}, device, head=True)
             else:
                 name = f"{layers_name}.{step}"
                 layer = materialize(layers[step], name, checkpoint, device)
                 host = Host({name: layer}, _layer_fn(name, args, kwargs))
                 reporter.stage(f"layer {step + 1}/{n_layers}", total=max(1, sum(c.iters for _, c, _ in phases)))
-                streams = _run_step(host, name, streams, phases, config, opts, plan, seed, reporter,
-                                    args, kwargs, device, head=False)
+                with _default_device(device):
+                    streams = _run_step(host, name, streams, phases, config, opts, plan, seed, reporter,
+                                        args, kwargs, device, head=False)
             result.recon_stats += getattr(host, "reparq_recon_stats", [])
             if writer:
                 _write_part(host, parts, f"step-{step:05d}", tied and is_head)
