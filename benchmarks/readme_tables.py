@@ -81,6 +81,20 @@ def ablation_table() -> str:
     return "\n".join(lines)
 
 
+def repquant_ablation_table() -> str:
+    rows = _rows("repquant_ablation")
+    if rows is None:
+        return NOT_MEASURED
+    variants = list(dict.fromkeys(r["method"] for r in rows))
+    cols = sorted({(r["model"], r["w_bits"], r["a_bits"]) for r in rows}, key=lambda c: (-c[1], c[0]))
+    lines = ["| variant | " + " | ".join(f"{m} W{w}A{a} Δ" for m, w, a in cols) + " |", "|---|" + "---|" * len(cols)]
+    for v in variants:
+        cells = [_cell([r["delta"] for r in rows if r["method"] == v and (r["model"], r["w_bits"], r["a_bits"]) == c])
+                 for c in cols]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def real_table() -> str:
     rows = _rows("transformers_real")
     if rows is None:
@@ -111,12 +125,27 @@ def latency_table() -> str:
     return "\n".join(lines)
 
 
+def scale_table() -> str:
+    rows = _rows("scale")
+    if rows is None:
+        return NOT_MEASURED
+    lines = ["| part | model | mode | recipe | layers | params | processes | calib s | peak RSS MB | samples/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['part']} | {r['model']} | {r['mode']} | {r['method']} | {r['layers']} | "
+                     f"{r['params'] / 1e6:.1f} M | {r['processes']} | {r['calib_seconds']:.0f} | {r['peak_mem_mb']:.0f} | "
+                     f"{r.get('samples_per_s', '-')} |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "zoo": zoo_table,
     "ptq": lambda: drop_table("ptq_baselines", ("W8A8", "W6A6", "W4A8", "W4A4")),
     "repapq_ablation": ablation_table,
+    "repquant_ablation": repquant_ablation_table,
     "real": real_table,
     "latency": latency_table,
+    "scale": scale_table,
 }
 
 
