@@ -8,11 +8,12 @@ benchmarks/results/recon_tradeoff.{md,json,png}. One CNN and one transformer fro
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-
 from reparq.data import calibration_subset, load_fashion_mnist
+from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
 from reparq.report.results import write_results
 from reparq.zoo import load_model
@@ -42,6 +43,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _key(r: dict) -> tuple:
+    return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["iters"], r["seed"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["repvgg_fm", "deit_fm"])
@@ -52,20 +57,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     calib = calibration_subset(1024, seed=0)
     test_x, test_y = load_fashion_mnist("test")
-    rows = []
+    bits = Bits.parse(args.bits)
+    # Incremental like ptq_baselines.py: the results file is rewritten after every row, rows already
+    # there (same model, recipe, bits, iterations, seed and FP accuracy) are kept and not re-run.
+    path = args.out / "recon_tradeoff.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+    rows: list[dict] = old["rows"]
+    command = "python benchmarks/recon_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "; ".join(dict.fromkeys([c for c in old["command"].split("; ") if c] + [command.strip()]))
+    notes = ("Each row: one reconstruction run at the given iterations per unit (batch 32), seed 0. "
+             "iters=0 is the MSE-initialized model with no learning. calib_seconds is the wall time of the "
+             "calibration on a shared 2-core machine, one thread (noisy).")
+
+    def save() -> None:
+        rows.sort(key=lambda r: (r["model"], r["method"], -r["w_bits"], -r["a_bits"], r["iters"], r["seed"]))
+        write_results(args.out, "recon_tradeoff", command, rows, notes, extra_columns=("iters",))
+        plot(rows, args.out / "recon_tradeoff.png")
+
     for name in args.models:
         model = load_model(name)
-        for iters in args.iters:
-            new = run_grid(model, name, calib, test_x, test_y, args.recipes, [Bits.parse(args.bits)], iters=iters)
-            for r in new:
-                r["iters"] = iters
-                print(r, flush=True)
-            rows += new
-    command = "python benchmarks/recon_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    notes = ("Each row: one reconstruction run at the given iterations per unit (batch 32), seed 0. "
-             "iters=0 is the MSE-initialized model with no learning.")
-    write_results(args.out, "recon_tradeoff", command.strip(), rows, notes, extra_columns=("iters",))
-    plot(rows, args.out / "recon_tradeoff.png")
+        fp = round(top1(model, test_x, test_y), 2)
+        stale = [r for r in rows if r["model"] == name and r["fp"] != fp]
+        rows[:] = [r for r in rows if r not in stale]  # measured on another checkpoint
+        for recipe in args.recipes:
+            for iters in args.iters:
+                if (name, recipe, bits.w, bits.a, iters, 0) in {_key(r) for r in rows}:
+                    continue
+                for r in run_grid(model, name, calib, test_x, test_y, [recipe], [bits], fp=fp, iters=iters):
+                    r["iters"] = iters
+                    print(r, flush=True)
+                    rows.append(r)
+                save()
+    save()
     return 0
 
 
