@@ -77,7 +77,7 @@ def unit_act_quantizers(module: nn.Module, layers: list[QuantizedLayer]) -> list
     return [q for q in found if not q.is_float]
 
 
-def _without_caches(kwargs: dict) -> dict:
+def without_caches(kwargs: dict) -> dict:
     """A decoder's KV cache (transformers ``Cache``) must not be replayed: every replay would
     append to it. Units run without one."""
     return {k: None if type(v).__name__.endswith("Cache") else v for k, v in kwargs.items()}
@@ -105,7 +105,7 @@ def trace_units(model: nn.Module, units: list[Unit], batch: torch.Tensor) -> tup
     for u in units:
         def hook(mod, args, kwargs, out, name=u.name):
             if name not in calls and args:
-                calls[name] = UnitCall(len(calls), args[0], _first(out), args[1:], _without_caches(kwargs))
+                calls[name] = UnitCall(len(calls), args[0], _first(out), args[1:], without_caches(kwargs))
         hooks.append(model.get_submodule(u.name).register_forward_hook(hook, with_kwargs=True))
     try:
         forward_batch(model, batch)

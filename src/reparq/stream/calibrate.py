@@ -29,7 +29,6 @@ import copy
 import ctypes
 import gc
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,7 +52,7 @@ from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_uni
 from reparq.recipes.reparam import quantizable_pairs
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
 from reparq.stream.checkpoint import LazyCheckpoint
-from reparq.stream.skeleton import build_skeleton, decoder_layers, free, load_config, materialize, to_device
+from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
 from reparq.stream.state import StreamState, fingerprint
 
 STREAMABLE = ("repqvit", "repquant")
@@ -128,8 +127,8 @@ class StreamResult:
 
 
 @torch.no_grad()
-def _run_batches(host: Host, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
-    return [host(b.to(device)).cpu() for b in batches]
+def _run_batches(module: nn.Module, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+    return [module(b.to(device)).cpu() for b in batches]
 
 
 def _layer_fn(name: str, args: tuple, kwargs: dict):
@@ -144,7 +143,7 @@ def _head_fn(norm_name: str, head_name: str):
     return fn
 
 
-def _phases(recipe: str, options, plan: Plan, config) -> list[tuple[str, object, int]]:
+def _phases(recipe: str, options, plan: Plan) -> list[tuple[str, object, int]]:
     """(phase name, ReconConfig, seed offset) as the in-memory recipe runs them."""
     if recipe != "repquant":
         return []
@@ -189,7 +188,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
         raise ReparqError(f"streamed calibration supports LLaMA-architecture decoders, not {type(skeleton).__name__}")
     checkpoint = LazyCheckpoint(model_dir)
     plan = _plan(skeleton, config, opts)
-    phases = _phases(recipe, opts, plan, config)
+    phases = _phases(recipe, opts, plan)
     layers_name, layers = decoder_layers(skeleton)
     n_layers = len(layers)
     dp = parallel.current()
@@ -206,12 +205,14 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     start = state.next_step()
     writer = dp is None or dp.rank == 0
     parts = out_dir / PARTS_DIR
-    args, kwargs = _first_layer_call(skeleton, layers, checkpoint, batches[0], device)
+    # The first layer's non-hidden arguments on the first batch: what the in-memory engine replays.
+    args, kwargs = layer_call(skeleton, layers, tuple(batches[0].shape), device)
+    embed_name = next(n for n, m in skeleton.named_modules() if isinstance(m, nn.Embedding))
     tied = "lm_head.weight" not in checkpoint
     result = StreamResult(out_dir, n_layers + 1, start, 0.0, 0.0)
     with measure() as m:
         if start == 0:
-            streams = {"stat": _embed(skeleton, checkpoint, local, device)}
+            streams = {"stat": _embed(skeleton, embed_name, checkpoint, local, device)}
             for phase, _, _ in phases:
                 for s in _PHASE_STREAMS[phase]:
                     streams[s] = streams["stat"]
@@ -220,10 +221,10 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
         for step in range(start, n_layers + 1):
             is_head = step == n_layers
             if is_head:
-                host, unit_name = _head_host(skeleton, checkpoint, device, tied)
+                host, unit_name, norm = _head_host(skeleton, embed_name, checkpoint, device, tied)
                 with _default_device(device):
                     streams = _run_step(host, unit_name, streams, phases, config, opts, plan, seed, reporter,
-                                        (), {}, device, head=True)
+                                        (), {}, device, head_norm=norm)
             else:
                 name = f"{layers_name}.{step}"
                 layer = materialize(layers[step], name, checkpoint, device)
@@ -231,10 +232,10 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
                 reporter.stage(f"layer {step + 1}/{n_layers}", total=max(1, sum(c.iters for _, c, _ in phases)))
                 with _default_device(device):
                     streams = _run_step(host, name, streams, phases, config, opts, plan, seed, reporter,
-                                        args, kwargs, device, head=False)
+                                        args, kwargs, device)
             result.recon_stats += getattr(host, "reparq_recon_stats", [])
             if writer:
-                _write_part(host, parts, f"step-{step:05d}", tied and is_head)
+                _write_part(host, parts, f"step-{step:05d}", embed_name if tied and is_head else None)
             if is_head:
                 streams = {}
             else:
@@ -250,43 +251,36 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
                          calib_seconds=result.calib_seconds, peak_mem_mb=result.peak_mem_mb,
                          extra={"streamed": True, "resumed_at_step": start, "world_size": dp.world if dp else 1})
         _finish(out_dir, parts, n_layers, info, type(skeleton).__name__, f"hf:{model_dir.resolve()}",
-                None if tied else checkpoint)
+                None if tied else checkpoint, embed_name)
     return result
 
 
 @torch.no_grad()
-def _first_layer_call(skeleton, layers, checkpoint, batch: torch.Tensor, device):
-    """The first decoder layer's call on the first calibration batch (what the in-memory engine
-    replays): non-hidden arguments, from the skeleton with zero embeddings."""
-    from reparq.stream.skeleton import layer_call
-
-    return layer_call(skeleton, layers, tuple(batch.shape), device)
-
-
-@torch.no_grad()
-def _embed(skeleton: nn.Module, checkpoint: LazyCheckpoint, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
-    name = next(n for n, m in skeleton.named_modules() if isinstance(m, nn.Embedding))
+def _embed(skeleton: nn.Module, name: str, checkpoint: LazyCheckpoint, batches: list[torch.Tensor],
+           device) -> list[torch.Tensor]:
     embed = materialize(skeleton.get_submodule(name), name, checkpoint, device)
     out = [embed(b.to(device)).float().cpu() for b in batches]
     free(embed)
     return out
 
 
-def _head_host(skeleton: nn.Module, checkpoint: LazyCheckpoint, device, tied: bool) -> tuple[Host, str]:
-    base = skeleton.base_model_prefix
-    norm_name, head_name = f"{base}.norm", "lm_head"
-    embed_name = next(n for n, m in skeleton.named_modules() if isinstance(m, nn.Embedding))
+def _head_host(skeleton: nn.Module, embed_name: str, checkpoint: LazyCheckpoint, device,
+               tied: bool) -> tuple[Host, str, nn.Module]:
+    """(host of final norm + lm_head, the unit's name, the norm)."""
+    norm_name, head_name = f"{skeleton.base_model_prefix}.norm", "lm_head"
     norm = materialize(skeleton.get_submodule(norm_name), norm_name, checkpoint, device)
     head = skeleton.get_submodule(head_name)
     if tied:  # tied output layer: its own, real copy of the embedding matrix (the skeleton shares one meta tensor)
         head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
     head = materialize(head, head_name, checkpoint, device, aliases={f"{head_name}.weight": f"{embed_name}.weight"})
-    return Host({norm_name: norm, head_name: head}, _head_fn(norm_name, head_name)), head_name
+    return Host({norm_name: norm, head_name: head}, _head_fn(norm_name, head_name)), head_name, norm
 
 
 def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, plan: Plan, seed: int,
-              reporter: Reporter, args: tuple, kwargs: dict, device, head: bool) -> dict:
-    """One decoder layer (or the head) through the recipe; returns the streams after it."""
+              reporter: Reporter, args: tuple, kwargs: dict, device, head_norm: nn.Module | None = None) -> dict:
+    """One decoder layer (or, with ``head_norm``, the head) through the recipe; returns the streams
+    after it."""
+    head = head_norm is not None
     pairs = prepare_transformer(host, streams["stat"], config, opts, seed, SILENT,
                                 learnable_clip=any(p == "clip" for p, _, _ in phases), clip_lr=getattr(opts, "clip_lr", 1e-3),
                                 bits=plan.bits, observer_index=plan.observer_index)
@@ -305,8 +299,7 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
         _set_units_quant(host, [unit], False)
         fp_in, q_in = (streams[fp_cal], streams[q_cal]) if head else (streams[fp_chain], streams[q_chain])
         if head:  # lm_head reads the final norm's output
-            norm = _head_norm(host)
-            fp_in, q_in = [norm(b.to(device)).cpu() for b in fp_in], [norm(b.to(device)).cpu() for b in q_in]
+            fp_in, q_in = _run_batches(head_norm, fp_in, device), _run_batches(head_norm, q_in, device)
         stat, out[fp_chain], out[q_chain] = reconstruct_unit(host, unit, fp_in, q_in, args, kwargs, cfg,
                                                              (seed + seed_offset) * 1000 + k, reporter)
         stats.append({**stat, "unit": f"{unit_name}:clip" if phase == "clip" else unit_name})
@@ -326,26 +319,21 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
     return out
 
 
-def _head_norm(host: Host) -> nn.Module:
-    return next(m for n, m in host.named_modules() if n.endswith(".norm"))
-
-
-def _write_part(host: Host, parts: Path, stem: str, tie_embedding: bool) -> None:
+def _write_part(host: Host, parts: Path, stem: str, tied_embedding: str | None) -> None:
     from safetensors.torch import save_file
 
     from reparq.deploy.serialize import export_state
 
     layers, tensors = export_state(host)
-    if tie_embedding:  # a tied model stores one matrix: the input embedding is the output layer's final weight
-        head = host.get_submodule("lm_head")
-        tensors["model.embed_tokens.weight"] = head.weight.detach().cpu().contiguous()
+    if tied_embedding:  # a tied model stores one matrix: the input embedding is the output layer's final weight
+        tensors[f"{tied_embedding}.weight"] = host.get_submodule("lm_head").weight.detach().cpu().contiguous()
     parts.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(parts / f"{stem}.safetensors"))
     (parts / f"{stem}.json").write_text(json.dumps({"layers": layers, "attention": describe_attention(host)}, indent=1))
 
 
 def _finish(out_dir: Path, parts: Path, n_layers: int, info, architecture: str, source: str,
-            checkpoint: LazyCheckpoint | None) -> None:
+            checkpoint: LazyCheckpoint | None, embed_name: str) -> None:
     """``reparq.json`` over all parts; an untied model's embedding is copied over as it is."""
     from safetensors.torch import save_file
 
@@ -358,7 +346,7 @@ def _finish(out_dir: Path, parts: Path, n_layers: int, info, architecture: str, 
         attention.update(meta["attention"])
         shards.append(f"{PARTS_DIR}/step-{step:05d}.safetensors")
     if checkpoint is not None:
-        names = checkpoint.names("model.embed_tokens.")
+        names = checkpoint.names(f"{embed_name}.")
         save_file({k: v.float() for k, v in checkpoint.load(names).items()}, str(parts / "embedding.safetensors"))
         shards.append(f"{PARTS_DIR}/embedding.safetensors")
     write_meta(out_dir, info, layers, attention, architecture, source, shards=shards)

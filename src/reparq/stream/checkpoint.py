@@ -66,28 +66,25 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], directory: str | 
     one shard is held in memory at a time. Returns the shard file names."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
     size, total, weight_map, names = 0, 0, {}, []
 
-    def flush() -> None:
-        name = f"model-{len(names) + 1:05d}.safetensors"
-        save_file(shards[0], str(directory / name), metadata={"format": "pt"})
-        for k in shards[0]:
-            weight_map[k] = name
+    def flush(shard: dict[str, torch.Tensor]) -> None:
+        name = f"model-{len(names) + 1:05d}.safetensors"  # no total count: it is unknown while writing
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
         names.append(name)
-        shards[0] = {}
 
     for key, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if shards[0] and size + nbytes > max_shard_mb * 2**20:
-            flush()
-            size = 0
-        shards[0][key] = t.detach().contiguous()
+        if shard and size + nbytes > max_shard_mb * 2**20:
+            flush(shard)
+            shard, size = {}, 0
+        shard[key] = t.detach().contiguous()
         size += nbytes
         total += nbytes
-    if shards[0]:
-        flush()
-    # Shard names carry no total count (they are written before it is known): rename is not needed.
+    if shard:
+        flush(shard)
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     return names

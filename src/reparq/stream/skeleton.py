@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from reparq.errors import ReparqError
+from reparq.recipes.reconstruct import without_caches
 from reparq.stream.checkpoint import LazyCheckpoint
 
 
@@ -62,7 +63,7 @@ def materialize(module: nn.Module, prefix: str, checkpoint: LazyCheckpoint, devi
     input embedding). Every parameter and persistent buffer must be found."""
     module.to_empty(device=device)
     names = {f"{prefix}.{k}" if prefix else k: k for k in module.state_dict()}
-    wanted = {full: (aliases or {}).get(full, full) if full not in checkpoint else full for full in names}
+    wanted = {full: full if full in checkpoint else (aliases or {}).get(full, full) for full in names}
     tensors = checkpoint.load(set(wanted.values()))
     state = {names[full]: tensors[src] for full, src in wanted.items()}
     module.load_state_dict(state, strict=True, assign=False)
@@ -105,7 +106,7 @@ def layer_call(skeleton: nn.Module, layers: nn.ModuleList, batch_shape: tuple[in
         handle.remove()
     if "kwargs" not in caught:
         raise ReparqError("the model's forward never reached its first decoder layer")
-    kwargs = {k: None if type(v).__name__.endswith("Cache") else to_device(v, device) for k, v in caught["kwargs"].items()}
+    kwargs = {k: to_device(v, device) for k, v in without_caches(caught["kwargs"]).items()}
     caught["args"] = to_device(caught["args"], device)
     return caught["args"], kwargs
 
