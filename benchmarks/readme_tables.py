@@ -68,29 +68,16 @@ def drop_table(name: str, bits: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def ablation_table() -> str:
-    rows = _rows("repapq_ablation")
+def variant_table(name: str, column, label, order) -> str:
+    """One row per variant (method), one column per ``column(row)`` value in ``order``: the Δ cells."""
+    rows = _rows(name)
     if rows is None:
         return NOT_MEASURED
     variants = list(dict.fromkeys(r["method"] for r in rows))
-    bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
-    lines = ["| variant | " + " | ".join(f"W{w}A{a} Δ" for w, a in bits) + " |", "|---|" + "---|" * len(bits)]
+    cols = sorted({column(r) for r in rows}, key=order)
+    lines = ["| variant | " + " | ".join(f"{label(c)} Δ" for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for v in variants:
-        cells = [_cell([r["delta"] for r in rows if r["method"] == v and (r["w_bits"], r["a_bits"]) == b]) for b in bits]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def repquant_ablation_table() -> str:
-    rows = _rows("repquant_ablation")
-    if rows is None:
-        return NOT_MEASURED
-    variants = list(dict.fromkeys(r["method"] for r in rows))
-    cols = sorted({(r["model"], r["w_bits"], r["a_bits"]) for r in rows}, key=lambda c: (-c[1], c[0]))
-    lines = ["| variant | " + " | ".join(f"{m} W{w}A{a} Δ" for m, w, a in cols) + " |", "|---|" + "---|" * len(cols)]
-    for v in variants:
-        cells = [_cell([r["delta"] for r in rows if r["method"] == v and (r["model"], r["w_bits"], r["a_bits"]) == c])
-                 for c in cols]
+        cells = [_cell([r["delta"] for r in rows if r["method"] == v and column(r) == c]) for c in cols]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -141,8 +128,11 @@ def scale_table() -> str:
 TABLES = {
     "zoo": zoo_table,
     "ptq": lambda: drop_table("ptq_baselines", ("W8A8", "W6A6", "W4A8", "W4A4")),
-    "repapq_ablation": ablation_table,
-    "repquant_ablation": repquant_ablation_table,
+    # RepAPQ: one model, columns by bits (highest first); RepQuant: columns by bits, then model.
+    "repapq_ablation": lambda: variant_table("repapq_ablation", lambda r: (r["w_bits"], r["a_bits"]),
+                                             lambda c: f"W{c[0]}A{c[1]}", lambda c: (-c[0], -c[1])),
+    "repquant_ablation": lambda: variant_table("repquant_ablation", lambda r: (r["model"], r["w_bits"], r["a_bits"]),
+                                               lambda c: f"{c[0]} W{c[1]}A{c[2]}", lambda c: (-c[1], c[0])),
     "real": real_table,
     "latency": latency_table,
     "scale": scale_table,
