@@ -66,7 +66,8 @@ def test_adaround_starts_at_float_weight_and_ends_on_integer_grid():
     # h(V) starts at the fractional part, so the soft weight starts at the float weight (inside the grid).
     assert torch.allclose(r(w)[inside], w[inside], atol=1e-3)
     with torch.no_grad():
-        r.v.add_(torch.randn_like(r.v) * 3)
+        for c in r.v_chunks:
+            c.add_(torch.randn_like(c) * 3)
     r.hard = True
     h = r.h()
     assert set(h.unique().tolist()) <= {0.0, 1.0}

@@ -180,7 +180,7 @@ class UnitTrainer:
                     layer.__dict__["_rounding"] = r
                     self.roundings.append(r)
             if self.roundings:
-                groups.append({"params": [r.v for r in self.roundings], "lr": self.cfg.lr_round})
+                groups.append({"params": [p for r in self.roundings for p in r.parameters()], "lr": self.cfg.lr_round})
         act_scales = []
         self.act_quantizers = unit_act_quantizers(self.module, self.layers)
         for aq in self.act_quantizers:
@@ -238,11 +238,13 @@ class UnitTrainer:
                     loss = cfg.block_weight * rec
                     if extra_loss is not None:
                         loss = loss + extra_loss(out, local)
-                beta = beta_schedule(step, cfg.iters, cfg.warmup)
-                if beta is not None and self.roundings and (dp is None or dp.rank == 0):
-                    loss = loss + cfg.reg_weight * sum(r.regularizer(beta) for r in self.roundings)
                 if loss.requires_grad:
                     loss.backward()
+                beta = beta_schedule(step, cfg.iters, cfg.warmup)
+                if beta is not None and (dp is None or dp.rank == 0):
+                    # The rounding regularizer's gradient goes straight into V.grad (see AdaRound).
+                    for r in self.roundings:
+                        r.add_regularizer_grad(beta, cfg.reg_weight)
                 parallel.all_reduce_grads(params)
                 rec = parallel.all_reduce_(rec.detach().clone())
                 opt.step()

@@ -104,6 +104,21 @@ def _default_device(device: str):
     return torch.device(device) if str(device) != "cpu" else contextlib.nullcontext()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def bound_heap(threshold_bytes: int = 1 << 20) -> None:
+    """Serve every allocation of ``threshold_bytes`` or more from its own mapping, returned to the
+    OS when freed. glibc otherwise raises its mmap threshold to the size of the tensors freed (up
+    to 32 MB), serves the next ones from the heap, and the heap's holes make resident memory grow
+    step after step while little is live (measured: 1 layer + head of a 1.1B LLaMA under repquant,
+    3.7 GB peak without, 2.8 GB with). Process-wide and left in place; a no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+    except (OSError, AttributeError):
+        pass
+
+
 def release_memory() -> None:
     """Free this step's tensors before the next layer loads: collect module reference cycles, then
     hand freed heap pages back to the OS. Without ``malloc_trim`` glibc keeps them (its mmap
@@ -181,6 +196,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
         raise ReparqError("calib_ids must be a [samples, tokens] tensor of token ids")
     _, config, opts = resolve_recipe(recipe, w_bits, a_bits, options)
     register_hf_attention()
+    bound_heap()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf_config = load_config(model_dir)
     skeleton = build_skeleton(hf_config)
