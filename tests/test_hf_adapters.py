@@ -237,6 +237,24 @@ def test_block_reconstruction_on_llama_windows():
     assert ((out - ref).norm() / ref.norm()).item() < 0.3
 
 
-def test_block_reconstruction_refuses_per_sample_padding_masks():
-    with pytest.raises(ReparqError, match="different padding"):
-        reparq.quantize(tiny_bert(), token_batch(n=8), recipe="brecq", batch_size=4, iters=2)
+@pytest.mark.parametrize("recipe", ["brecq", "repquant"])
+def test_reconstruction_refuses_padded_or_ragged_text_batches_before_calibrating(recipe):
+    """Units are replayed with one batch's mask: padded or ragged batches would train on wrong
+    attention, so they are refused up front with the way out, and the model is left untouched."""
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ReparqError, match="pack_sentences"):
+        reparq.quantize(model, [token_batch(pad=True)], recipe=recipe, w_bits=4, a_bits=8, iters=2)
+    ragged = [token_batch(t=10, pad=False), token_batch(t=12, seed=2, pad=False)]
+    with pytest.raises(ReparqError, match="one shape"):
+        reparq.quantize(model, ragged, recipe=recipe, w_bits=4, a_bits=8, iters=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_reconstruction_on_unpadded_fixed_length_text_lowers_block_error():
+    model = tiny_bert()
+    batches = [token_batch(n=8, t=12, seed=s, pad=False) for s in range(3)]
+    q = reparq.quantize(model, batches, recipe="brecq", w_bits=4, a_bits=8, iters=40, recon_batch_size=8)
+    stats = [s for s in q.reparq_recon_stats if s["loss_first"] is not None]
+    assert len(stats) >= LAYERS
+    assert all(s["loss_last"] < s["loss_first"] for s in stats)

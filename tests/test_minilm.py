@@ -95,3 +95,15 @@ def test_w8a8_minmax_keeps_embeddings(loaded):
     cos = embedding_cosine(fp, qe)
     assert 0.95 < cos < 1.0, cos
     assert retrieval_agreement(fp, qe) == 1.0
+
+
+def test_pack_sentences_makes_unpadded_fixed_length_windows(loaded):
+    tokenizer, _ = loaded
+    batches = minilm.pack_sentences(tokenizer, SENTENCES * 3, seq_len=16, batch_size=4)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert ids.shape[1] == 16 and all(b["attention_mask"].all() for b in batches)
+    assert (ids[:, 0] == tokenizer.cls_token_id).all()
+    stream = [t for s in SENTENCES * 3 for t in tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]]
+    assert ids[:, 1:].flatten().tolist() == stream[: ids.shape[0] * 15]
+    with pytest.raises(ReparqError, match="too short"):
+        minilm.pack_sentences(tokenizer, ["Hi."], seq_len=64)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from reparq import parallel
+from reparq.errors import ReparqError
 from reparq.model.blocks import Unit
 from reparq.nn.attention import MatmulQuantizers
 from reparq.nn.qmodules import QuantizedLayer
@@ -278,6 +279,28 @@ class UnitTrainer:
                 layer._modules["output_affine"].requires_grad_(False)
 
 
+PACK_HINT = ("pack text into fixed-length sequences without padding (reparq.data.text.token_windows for a token "
+             "stream, reparq.zoo.minilm.pack_sentences for sentences)")
+
+
+def check_replayable(batches: list) -> None:
+    """Units are trained on cached inputs and replayed with the *first* batch's other arguments
+    (masks, positions), so every batch must have one shape beyond the sample dimension and carry
+    no padding: a padded batch's mask is per sample, and replaying one batch's mask for all would
+    quietly train on wrong attention. Raises a ReparqError that says what to do."""
+    def main_input(b):
+        if isinstance(b, dict):
+            return b["input_ids"] if "input_ids" in b else next(v for v in b.values() if isinstance(v, torch.Tensor))
+        return b
+    shapes = sorted({tuple(main_input(b).shape[1:]) for b in batches})
+    if len(shapes) > 1:
+        raise ReparqError(f"block reconstruction needs calibration batches of one shape beyond the batch dimension "
+                          f"(got {shapes[:4]}): {PACK_HINT}")
+    if any(isinstance(b, dict) and "attention_mask" in b and bool((b["attention_mask"] == 0).any()) for b in batches):
+        raise ReparqError(f"block reconstruction cannot use padded calibration batches (units are replayed with one "
+                          f"batch's attention mask): {PACK_HINT}")
+
+
 def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor], cfg: ReconConfig, seed: int = 0,
                 reporter: Reporter = SILENT, make_extra_loss=None) -> list[dict]:
     """Reconstruct every unit in execution order; the model's quantizers must already be initialized.
@@ -286,6 +309,7 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
     function ``(unit_output, sample_idx) -> loss`` added to the unit's loss (RepAPQ's
     across-block calibration uses it for the stage-output term).
     """
+    check_replayable(batches)
     model.eval()
     _set_units_quant(model, units, False)
     ordered, chained, calls = trace_units(model, units, batches[0])

@@ -32,7 +32,7 @@ from reparq.model.blocks import discover_units
 from reparq.progress import SILENT, Reporter
 from reparq.quant.log_reparam import convert_logsqrt2_to_log2
 from reparq.recipes.block_recon import ReconOptions, recon_config
-from reparq.recipes.reconstruct import reconstruct
+from reparq.recipes.reconstruct import check_replayable, reconstruct
 from reparq.recipes.registry import register_recipe
 from reparq.recipes.repqvit import RepQViTOptions, fold_and_reinit, prepare_transformer
 
@@ -50,6 +50,8 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
 def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, reporter: Reporter = SILENT,
              options: RepQuantOptions | None = None) -> nn.Module:
     options = options or RepQuantOptions()
+    if options.clip_iters > 0 or options.iters > 0:
+        check_replayable(batches)  # before the range calibration, not after it
     pairs = prepare_transformer(model, batches, config, options, seed, reporter, learnable_clip=options.clip_iters > 0,
                                 clip_lr=options.clip_lr)
     units = discover_units(model, options.block_globs, options.stage_globs)

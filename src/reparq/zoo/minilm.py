@@ -93,6 +93,23 @@ def tokenize(tokenizer, sentences: list[str], batch_size: int = 32,
             for i in range(0, len(sentences), batch_size)]
 
 
+def pack_sentences(tokenizer, sentences: list[str], seq_len: int = 64, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches without padding: the sentences' tokens joined (each ends in [SEP]) and cut
+    into windows of ``seq_len`` tokens, each opened by [CLS]; every mask is all ones. What the
+    reconstruction recipes need, since they replay one batch's mask for all samples."""
+    if seq_len < 2:
+        raise ReparqError(f"seq_len must be at least 2, got {seq_len}")
+    body = seq_len - 1
+    stream = [t for s in sentences for t in tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]]
+    n = len(stream) // body
+    if n == 0:
+        raise ReparqError(f"sentences too short for one window of {seq_len} tokens ({len(stream)} tokens)")
+    ids = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    ids = torch.cat([torch.full((n, 1), tokenizer.cls_token_id, dtype=torch.long), ids], dim=1)
+    return [{"input_ids": ids[i:i + batch_size], "token_type_ids": torch.zeros_like(ids[i:i + batch_size]),
+             "attention_mask": torch.ones_like(ids[i:i + batch_size])} for i in range(0, n, batch_size)]
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states over non-padding positions, then L2-normalized (sentence-transformers)."""
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
