@@ -20,6 +20,7 @@ recipe, bits, seed, and the same FP value) are kept and not re-run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,6 @@ BITS = ("W8A8", "W6A6", "W4A8")
 RECIPE_ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit", "repquant")
 COSINE_TARGET = {"W8A8": 0.995, "W6A6": 0.99, "W4A8": 0.98}
 PPL_TARGET_PCT = {"W8A8": 1.0, "W6A6": 3.0, "W4A8": 5.0}
-RECON_RECIPES = ("adaround", "brecq", "qdrop", "repquant")
 MINILM_SEQ_LEN = 64  # calibration window (tokens)
 EXTRA = ("metric", "value", "delta_pct", "target", "ok", "recon_batch_size")  # value: quant at full precision for the table
 
@@ -123,6 +123,14 @@ class LlamaTask:
 
 
 
+def _reconstructs(recipe: str) -> bool:
+    """Whether the recipe takes reconstruction options (its registered options say so)."""
+    from reparq.recipes.registry import get_recipe
+
+    options = get_recipe(recipe).options
+    return options is not None and any(f.name == "recon_batch_size" for f in dataclasses.fields(options))
+
+
 def _key(r: dict) -> tuple:
     return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["seed"], r["metric"])
 
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     torch.manual_seed(seed)
                     extra = {"recon_batch_size": args.recon_batch_size} \
-                        if args.recon_batch_size and recipe in RECON_RECIPES else {}
+                        if args.recon_batch_size and _reconstructs(recipe) else {}
                     qmodel = quantize(task.model, calib, recipe=recipe, w_bits=bits.w, a_bits=bits.a, seed=seed, **extra)
                     info = qmodel.reparq_info
                     for row in task.measure(qmodel, str(bits)):

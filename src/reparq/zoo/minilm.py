@@ -97,17 +97,16 @@ def pack_sentences(tokenizer, sentences: list[str], seq_len: int = 64, batch_siz
     """Calibration batches without padding: the sentences' tokens joined (each ends in [SEP]) and cut
     into windows of ``seq_len`` tokens, each opened by [CLS]; every mask is all ones. What the
     reconstruction recipes need, since they replay one batch's mask for all samples."""
+    from reparq.data.text import token_stream, token_windows
+
     if seq_len < 2:
         raise ReparqError(f"seq_len must be at least 2, got {seq_len}")
-    body = seq_len - 1
-    stream = [t for s in sentences for t in tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]]
-    n = len(stream) // body
-    if n == 0:
-        raise ReparqError(f"sentences too short for one window of {seq_len} tokens ({len(stream)} tokens)")
-    ids = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
-    ids = torch.cat([torch.full((n, 1), tokenizer.cls_token_id, dtype=torch.long), ids], dim=1)
+    stream = token_stream(sentences, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
+                          tokenizer.sep_token_id)
+    body = token_windows(stream, seq_len - 1)
+    ids = torch.cat([torch.full((len(body), 1), tokenizer.cls_token_id, dtype=torch.long), body], dim=1)
     return [{"input_ids": ids[i:i + batch_size], "token_type_ids": torch.zeros_like(ids[i:i + batch_size]),
-             "attention_mask": torch.ones_like(ids[i:i + batch_size])} for i in range(0, n, batch_size)]
+             "attention_mask": torch.ones_like(ids[i:i + batch_size])} for i in range(0, len(ids), batch_size)]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
