@@ -211,14 +211,18 @@ def test_cli_dry_run_lists_every_quantization_point_of_a_preset(capsys):
     plan = json.loads(capsys.readouterr().out)
     points = plan["points"]
     assert len(plan["layers"]) == 11 and len(points) == 22  # a weight and an input per layer
-    assert plan["transforms"] == ["qprep"]  # the family-free preset picked repapq for a Rep model
+    assert plan["transforms"] == ["equalize", "qprep"]  # the family-free preset picked repapq for a Rep model
     w = {p["point"]: p for p in points if p["kind"] == "weight"}
     assert w["stages.1.1.reparam_conv.weight"] == {
         "point": "stages.1.1.reparam_conv.weight", "layer": "stages.1.1.reparam_conv", "kind": "weight", "bits": 4,
-        "granularity": "per-channel", "estimator": "mse", "reparam": "merge, QPRep"}
-    assert w["head.fc.weight"]["bits"] == 8 and w["head.fc.weight"]["reparam"] == ""  # a plain Linear
+        "granularity": "per-channel", "estimator": "mse",
+        "reparam": "merge, equalize (out ÷ s), equalize (in · s), QPRep"}
+    assert w["head.fc.weight"]["bits"] == 8 and w["head.fc.weight"]["reparam"] == "equalize (in · s)"  # plain Linear
     inputs = [p for p in points if p["kind"] == "input"]
     assert all(p["granularity"] == "per-tensor" and p["estimator"] == "mae" for p in inputs)
+    reparam = {p["layer"]: p["reparam"] for p in inputs}
+    assert reparam.pop("stem.reparam_conv") == ""  # raw pixels: nothing before it to take the scale
+    assert set(reparam.values()) == {"equalize (÷ s)"}
 
 
 def test_dry_run_of_a_transformer_recipe_lists_matmul_and_post_norm_points():

@@ -21,16 +21,17 @@ from reparq.quant.uniform import KEEP_BITS
 from reparq.recipes.insert import insert_quantizers
 
 # What each recipe does to the graph beyond merging and BN folding, as data (so a dry run needs
-# no recipe code): "qprep" per-channel affine on merged convs, "post-norm" per-channel ranges on
+# no recipe code): "equalize" exact channel rescaling between layers joined by ReLU, "qprep"
+# per-channel affine on merged convs, "post-norm" per-channel ranges on
 # LayerNorm outputs folded to layer-wise ones, "attention" quantized matmul inputs (log grid for
 # the probabilities), "dual-clip" learnable per-channel clipping bounds. The recipe option that
 # switches a transform off is in ``_SWITCHES`` (a false or zero value turns it off).
 RECIPE_TRANSFORMS: dict[str, tuple[str, ...]] = {
-    "repapq": ("qprep",),
+    "repapq": ("equalize", "qprep"),
     "repqvit": ("post-norm", "attention"),
     "repquant": ("post-norm", "attention", "dual-clip"),
 }
-_SWITCHES = {"qprep": "qprep", "post-norm": "reparam", "dual-clip": "clip_iters"}
+_SWITCHES = {"equalize": "equalize", "qprep": "qprep", "post-norm": "reparam", "dual-clip": "clip_iters"}
 _PROBS_LABEL = {"logsqrt2": "log√2", "log2": "log2", "uniform": "uniform"}
 
 
@@ -81,14 +82,22 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
     on a merged copy of ``model``; ``recipe``/``options`` say which reparameterizations apply."""
     merged = copy.deepcopy(model).eval()
     prep, bn_folded, rep_blocks = _prepare(merged)
+    transforms = recipe_transforms(recipe, options)
+    producers, equalized = set(), set()
+    if "equalize" in transforms:  # on the float graph: the trace must see plain Conv2d/Linear
+        from reparq.model.equalize import find_equalizable_pairs
+
+        pairs = find_equalizable_pairs(merged)
     bits = insert_quantizers(merged, config)
+    if "equalize" in transforms:  # the recipe equalizes the pairs whose consumer is quantized
+        pairs = [p for p in pairs if p.consumer in bits and min(bits[p.consumer]) < KEEP_BITS]
+        producers, equalized = {p.producer for p in pairs}, {p.consumer for p in pairs}
     try:
         units = discover_units(merged, block_globs, stage_globs)
         unit_error = None
     except ReparqError as exc:
         units, unit_error = [], str(exc)
     unit_of = {layer: u for u in units for layer in u.layers}
-    transforms = recipe_transforms(recipe, options)
     consumers, attention = _transformer_sites(merged) if {"post-norm", "attention"} & set(transforms) else (set(), [])
     percentile_search = getattr(options, "ranges", None) == "percentile"
     w_est = "minmax" if config.w_estimator == "percentile" else config.w_estimator
@@ -108,9 +117,14 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
             w_reparam.append("merge")
         elif name in bn_folded:
             w_reparam.append("BN fold")
+        a_reparam, a_gran = [], "per-tensor"
+        if name in producers:
+            w_reparam.append("equalize (out ÷ s)")
+        if name in equalized:
+            w_reparam.append("equalize (in · s)")
+            a_reparam.append("equalize (÷ s)")
         if "qprep" in transforms and type(layer).__name__ == "QConv2d" and w < KEEP_BITS:
             w_reparam.append("QPRep")
-        a_reparam, a_gran = [], "per-tensor"
         if name in consumers and a < KEEP_BITS:
             w_reparam.append("post-norm (W·r1)")
             a_reparam.append("post-norm")
