@@ -20,6 +20,8 @@ from reparq.zoo import load_model
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
     "repapq": {},
+    "repapq-no_equalize": {"equalize": False},
+    "repapq-alpha0.5": {"equalize_alpha": 0.5},
     "repapq-mae_weights": {"w_estimator": "mae"},
     "repapq-no_qprep": {"qprep": False},
     "repapq-no_abc": {"abc": False},
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="repvgg_fm")
     parser.add_argument("--bits", nargs="*", default=["W4A4", "W6A6"])
-    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -62,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(out: Path, command: str, rows: list[dict]) -> None:
-    notes = ("Variants of the repapq recipe (seed 0): `repapq` = MSE weight ranges, MAE activation ranges, L1 loss, "
-             "QPRep, across-block calibration (lambda 1, float stage tail), AdaRound rounding and activation step "
-             "sizes; each other row changes one thing (lambdaX: ABC weight X; quantized_tail: the stage tail runs quantized instead of float). Single seed: read differences of a point or two as noise.")
+    notes = ("Variants of the repapq recipe (seed 0): `repapq` = channel equalization across ReLU (alpha searched "
+             "per layer pair), MSE weight ranges, MAE activation ranges, L1 loss, QPRep, across-block calibration (lambda 1, float stage tail), AdaRound rounding and activation step "
+             "sizes; each other row changes one thing (no_equalize: the paper's recipe without our equalization; alpha0.5: one fixed alpha for every pair; lambdaX: ABC weight X; quantized_tail: the stage tail runs quantized instead of float). Single seed: read differences of a point or two as noise.")
     write_results(out, "repapq_ablation", command.strip(), rows, notes, extra_columns=("iters",))
 
 

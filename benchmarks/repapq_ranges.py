@@ -1,8 +1,8 @@
-"""Per-channel weight and activation ranges of the merged zoo RepVGG, before and after QPRep.
+"""Per-channel weight and activation ranges of the merged zoo RepVGG, before and after repapq.
 
 Run: ``.venv/bin/python benchmarks/repapq_ranges.py``; writes benchmarks/results/repapq_ranges.{png,md,json}.
-"Before" is the merged float model; "after" is the deployed ``repapq`` W4A4 model (QPRep learned
-and folded: its per-channel weight ranges are ``scale_c * qmax`` and the next layer sees the
+"Before" is the merged float model; "after" is the deployed ``repapq`` W4A4 model (channels
+equalized across ReLU, QPRep learned and folded: its per-channel weight ranges are ``scale_c * qmax`` and the next layer sees the
 activations the folded gains and shifts produce). The plot shows the outliers RepAPQ is for:
 each merged 3x3 kernel carries the identity and 1x1 branches in its centre tap, so a channel's
 weight range is set by one tap, and post-ReLU activation ranges differ by an order of magnitude
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         ax = axes[0, j]
         ax.bar(x, full[order], color="tab:blue", alpha=0.6, label="merged float: max |w|")
         ax.plot(x, off_centre[order], "k.", ms=3, label="merged float: max |w| without centre tap")
-        ax.plot(x, after[order], "r_", ms=6, label="repapq W4 (QPRep folded): range")
+        ax.plot(x, after[order], "r_", ms=6, label="repapq W4 (equalized, QPRep folded): range")
         ax.set_title(f"{name}\nweight max |w| per output channel", fontsize=9)
         ax.set_xlabel("output channel (sorted)")
         ax.legend(fontsize=7)
@@ -96,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(f"{name}\ninput activation max |x| per channel", fontsize=9)
         ax.set_xlabel("input channel (sorted by float range)")
         ax.legend(fontsize=7)
+        q_full, q_off = weight_stats(qmodel.get_submodule(name))
         stats.append({"layer": name,
                       "weight_centre_share": round(float((full > off_centre * 1.5).float().mean()), 3),
+                      "weight_centre_share_repapq": round(float((q_full > q_off * 1.5).float().mean()), 3),
                       "weight_max_over_median_channel": round(float(full.max() / full.median()), 2),
                       "act_max_over_median_channel_float": round(float(a0.max() / a0.median().clamp_min(1e-8)), 2),
                       "act_max_over_median_channel_repapq": round(float(a1.max() / a1.median().clamp_min(1e-8)), 2)})
-    fig.suptitle(f"{args.model} merged: per-channel ranges before and after QPRep (repapq W4A4, {args.iters} iters)")
+    fig.suptitle(f"{args.model} merged: per-channel ranges before and after repapq (equalization + QPRep, W4A4, {args.iters} iters)")
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "repapq_ranges.png", dpi=100)
@@ -113,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# repapq_ranges", "", f"- command: `{command.strip()}`", f"- machine: {env['machine']}", "",
           "![ranges](repapq_ranges.png)", "",
           "`weight_centre_share`: fraction of output channels whose largest weight is the centre tap by a factor "
-          ">1.5 over every other tap (the merged identity/1x1 branches).", "",
-          "| layer | weight_centre_share | weight max/median channel | act max/median (float) | act max/median (repapq) |",
-          "|---|---|---|---|---|"]
-    md += [f"| {s['layer']} | {s['weight_centre_share']} | {s['weight_max_over_median_channel']} | "
+          ">1.5 over every other tap (the merged identity/1x1 branches), in the merged float model and in the deployed "
+          "repapq model (after channel equalization).", "",
+          "| layer | weight_centre_share | centre share (repapq) | weight max/median channel | act max/median (float) "
+          "| act max/median (repapq) |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {s['layer']} | {s['weight_centre_share']} | {s['weight_centre_share_repapq']} | "
+           f"{s['weight_max_over_median_channel']} | "
            f"{s['act_max_over_median_channel_float']} | {s['act_max_over_median_channel_repapq']} |" for s in stats]
     (args.out / "repapq_ranges.md").write_text("\n".join(md) + "\n")
     return 0
