@@ -26,7 +26,6 @@ scale is undone if it moved (so a pattern misread can cost accuracy gain, never 
 
 from __future__ import annotations
 
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -36,14 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparq.quant.ranges import estimate_params
-from reparq.quant.uniform import fake_quant, int_range
+from reparq.quant.uniform import KEEP_BITS, broadcast_shape, fake_quant, int_range
+from reparq.recipes.calibrate import batch_samples, forward_batch
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # ops that commute with a positive per-channel scale and keep channels where they are
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d,
                         nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
 _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                          F.adaptive_max_pool2d, F.dropout, torch.flatten, operator.getitem}
+                          F.adaptive_max_pool2d, F.dropout, torch.flatten}
 _HOMOGENEOUS_METHODS = {"relu", "flatten"}
 _RECTIFIERS = (nn.ReLU,)
 
@@ -53,10 +53,6 @@ class EqualizablePair:
     producer: str
     consumer: str
     consumer_rectified: bool  # the consumer's output goes straight into a ReLU: measure errors after it
-
-
-def _channels_out(layer: nn.Module) -> int:
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 def _takes_channels(consumer: nn.Module, channels: int) -> bool:
@@ -72,9 +68,7 @@ def _passes_through(node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], _HOMOGENEOUS_MODULES) and \
             not (isinstance(modules[node.target], nn.Flatten) and modules[node.target].start_dim != 1)
-    if node.op == "call_function":
-        if node.target is operator.getitem:
-            return False  # indexing could reorder channels
+    if node.op == "call_function":  # indexing (getitem) is not listed: it could reorder channels
         return node.target in _HOMOGENEOUS_FUNCTIONS
     if node.op == "call_method":
         return node.target in _HOMOGENEOUS_METHODS
@@ -109,7 +103,7 @@ def find_equalizable_pairs(model: nn.Module) -> list[EqualizablePair]:
         while len(cur.users) == 1:
             nxt = next(iter(cur.users))
             if nxt.op == "call_module" and isinstance(modules[nxt.target], layer_types):
-                if nxt.args and nxt.args[0] is cur and _takes_channels(modules[nxt.target], _channels_out(producer)):
+                if nxt.args and nxt.args[0] is cur and _takes_channels(modules[nxt.target], producer.weight.shape[0]):
                     after = list(nxt.users)
                     rectified = len(after) == 1 and _is_rectifier(after[0], modules)
                     pairs.append(EqualizablePair(node.target, nxt.target, rectified))
@@ -155,9 +149,7 @@ def _consumer_forward(consumer: nn.Module, x: torch.Tensor, weight: torch.Tensor
 
 def _fake(x: torch.Tensor, estimator: str, bits: int, symmetric: bool, axis: int | None) -> torch.Tensor:
     scale, zp = estimate_params(x, estimator, bits, symmetric, axis)
-    shape = [1] * x.ndim
-    if axis is not None:
-        shape[axis] = -1
+    shape = broadcast_shape(x, axis)
     qmin, qmax = int_range(bits, symmetric)
     return fake_quant(x, scale.reshape(shape), zp.reshape(shape), qmin, qmax)
 
@@ -183,8 +175,7 @@ def choose_scale(consumer: nn.Module, x: torch.Tensor, bits: tuple[int, int], re
     reference = _consumer_forward(consumer, x, consumer.weight)
     act = F.relu if rectified else (lambda t: t)
     reference = act(reference)
-    x_shape = [1] * x.ndim
-    x_shape[channel_axis] = -1
+    x_shape = broadcast_shape(x, channel_axis)
     best = None
     for alpha in alphas:
         s = _scales(x_range, w_range, alpha)
@@ -196,6 +187,12 @@ def choose_scale(consumer: nn.Module, x: torch.Tensor, bits: tuple[int, int], re
     return best
 
 
+def quantized_pairs(pairs: list[EqualizablePair], bits: dict[str, tuple[int, int]]) -> list[EqualizablePair]:
+    """The pairs worth equalizing: those whose consumer is quantized (named in ``bits`` with a
+    weight or input below :data:`KEEP_BITS`)."""
+    return [p for p in pairs if p.consumer in bits and min(bits[p.consumer]) < KEEP_BITS]
+
+
 def _main_tensor(out) -> torch.Tensor:
     """The tensor to compare of a model output (a tensor, a tuple's first item, a dict's first value)."""
     while not isinstance(out, torch.Tensor):
@@ -205,27 +202,25 @@ def _main_tensor(out) -> torch.Tensor:
 
 @torch.no_grad()
 def equalize_channels(model: nn.Module, batches: list, bits: dict[str, tuple[int, int]], alpha: float | None = None,
-                      w_estimator: str = "mse", a_estimator: str = "mae", samples: int = 256,
-                      forward=None) -> dict[str, float]:
-    """Equalize every pair found in ``model`` (in place) whose consumer is quantized (named in
-    ``bits``). ``alpha=None`` searches it per pair over :data:`DEFAULT_ALPHAS`. Returns
-    ``{consumer: alpha}``; empty if nothing was equalized (or the output check undid it)."""
-    forward = forward or (lambda m, b: m(**b) if isinstance(b, dict) else m(b))
-    pairs = [p for p in find_equalizable_pairs(model) if p.consumer in bits]
+                      w_estimator: str = "mse", a_estimator: str = "mae", samples: int = 256) -> dict[str, float]:
+    """Equalize every pair found in ``model`` (in place) whose consumer is quantized (see
+    :func:`quantized_pairs`). ``alpha=None`` searches it per pair over :data:`DEFAULT_ALPHAS`.
+    Returns ``{consumer: alpha}``; empty if nothing was equalized (or the output check undid it)."""
+    pairs = quantized_pairs(find_equalizable_pairs(model), bits)
     if not pairs or not batches:
         return {}
     modules = dict(model.named_modules())
     inputs: dict[str, list[torch.Tensor]] = {p.consumer: [] for p in pairs}
-    seen = 0
     hooks = [modules[p.consumer].register_forward_pre_hook(
         lambda m, args, name=p.consumer: inputs[name].append(args[0].detach())) for p in pairs]
+    reference, seen = None, 0
     try:
         for batch in batches:
-            forward(model, batch)
-            seen += len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
+            out = forward_batch(model, batch)
+            reference = out if reference is None else reference  # the first batch checks exactness below
+            seen += batch_samples(batch)
             if seen >= samples:
                 break
-        reference = forward(model, batches[0])
     finally:
         for h in hooks:
             h.remove()
@@ -241,7 +236,7 @@ def equalize_channels(model: nn.Module, batches: list, bits: dict[str, tuple[int
                                         w_estimator, a_estimator)
         apply_channel_scale(modules[p.producer], consumer, s)
         chosen[p.consumer] = best_alpha
-    after, reference = _main_tensor(forward(model, batches[0])), _main_tensor(reference)
+    after, reference = _main_tensor(forward_batch(model, batches[0])), _main_tensor(reference)
     if not torch.allclose(after, reference, rtol=1e-3, atol=1e-4 * reference.abs().max().item()):
         for name, (w, b) in saved.items():
             modules[name].weight.copy_(w)
@@ -254,4 +249,4 @@ def equalize_channels(model: nn.Module, batches: list, bits: dict[str, tuple[int
 
 
 __all__ = ["DEFAULT_ALPHAS", "EqualizablePair", "apply_channel_scale", "choose_scale", "equalize_channels",
-           "find_equalizable_pairs", "input_channel_range"]
+           "find_equalizable_pairs", "input_channel_range", "quantized_pairs"]

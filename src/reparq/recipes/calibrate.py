@@ -22,6 +22,13 @@ def forward_batch(model: nn.Module, batch):
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
+def batch_samples(batch) -> int:
+    """How many samples a calibration batch holds (a tensor's rows, or a dict's first tensor's)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
 @torch.no_grad()
 def init_weight_ranges(model: nn.Module, config: QuantConfig) -> None:
     """Per-output-channel (or per-tensor) weight ranges with the configured estimator.

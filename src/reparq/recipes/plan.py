@@ -15,6 +15,7 @@ import torch.nn as nn
 from reparq.config import QuantConfig
 from reparq.errors import ReparqError
 from reparq.model.blocks import discover_units
+from reparq.model.equalize import find_equalizable_pairs, quantized_pairs
 from reparq.model.fold import fold_batchnorm
 from reparq.model.merge import _MERGERS, _TIMM_METHODS, merge_branches
 from reparq.quant.uniform import KEEP_BITS
@@ -83,15 +84,12 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
     merged = copy.deepcopy(model).eval()
     prep, bn_folded, rep_blocks = _prepare(merged)
     transforms = recipe_transforms(recipe, options)
-    producers, equalized = set(), set()
+    found = []
     if "equalize" in transforms:  # on the float graph: the trace must see plain Conv2d/Linear
-        from reparq.model.equalize import find_equalizable_pairs
-
-        pairs = find_equalizable_pairs(merged)
+        found = find_equalizable_pairs(merged)
     bits = insert_quantizers(merged, config)
-    if "equalize" in transforms:  # the recipe equalizes the pairs whose consumer is quantized
-        pairs = [p for p in pairs if p.consumer in bits and min(bits[p.consumer]) < KEEP_BITS]
-        producers, equalized = {p.producer for p in pairs}, {p.consumer for p in pairs}
+    found = quantized_pairs(found, bits)  # what the recipe equalizes
+    producers, equalized = {p.producer for p in found}, {p.consumer for p in found}
     try:
         units = discover_units(merged, block_globs, stage_globs)
         unit_error = None

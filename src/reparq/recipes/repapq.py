@@ -28,7 +28,6 @@ from reparq.model.equalize import equalize_channels
 from reparq.model.qprep import attach_qprep, fold_qprep
 from reparq.nn.qmodules import QConv2d, quantized_layers
 from reparq.progress import SILENT, Reporter
-from reparq.quant.uniform import KEEP_BITS
 from reparq.recipes.abc import make_abc_loss
 from reparq.recipes.block_recon import ReconOptions, recon_config
 from reparq.recipes.calibrate import init_activation_ranges, init_weight_ranges
@@ -57,7 +56,7 @@ def repapq(model: nn.Module, batches, config: QuantConfig, seed: int = 0, report
     options = options or RepAPQOptions()
     prepare_for_deployment(model)
     if options.equalize:
-        bits = {n: b for n, b in layer_bits(quantizable_layers(model, config), config).items() if min(b) < KEEP_BITS}
+        bits = layer_bits(quantizable_layers(model, config), config)
         batches = list(batches)
         reporter.stage("equalize channels", total=1)
         model.reparq_equalized = equalize_channels(model, batches, bits, options.equalize_alpha,

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from reparq.progress import SILENT, Reporter
+from reparq.recipes.calibrate import batch_samples
 from reparq.report.sqnr import agreement, layer_sqnr, predictions, range_samples
 from reparq.report.tables import markdown_table
 
@@ -90,13 +91,7 @@ def collect(float_model: nn.Module, qmodel: nn.Module, inputs: Any, labels: torc
     return ReportData(title=title, command=command, rows=[fp_row, row], eval_note=eval_note, sqnr=sqnr,
                       output_sqnr_db=out_sqnr, worst=worst, curves=dict(info.extra.get("recon_loss", {})),
                       timing=timing, run=run, environment=environment(),
-                      sqnr_samples=sum(_batch_size(b) for b in batches))
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+                      sqnr_samples=sum(batch_samples(b) for b in batches))
 
 
 # -- writing ---------------------------------------------------------------------------------
