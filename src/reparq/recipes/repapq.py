@@ -13,7 +13,8 @@ Addition of ours (measured, merged zoo RepVGG, seed 0): channel equalization acr
 (:mod:`reparq.model.equalize`) before anything is quantized. The merged identity branch leaves
 in-channel outliers (a centre tap up to 2000x its channel's median) that no per-channel grid or
 QPRep affine can reach; an exact rescaling between consecutive convs removes them (minmax W8A8
--1.77 -> -0.08 points with no learning at all). ``equalize=False`` is the paper's recipe.
+-1.77 -> -0.08 points with no learning at all, one-off with one fixed alpha of 0). ``equalize=False``
+is the paper's recipe.
 """
 
 from __future__ import annotations
