@@ -26,7 +26,7 @@ ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "re
 
 
 def zoo_table() -> str:
-    lines = ["| model | timm class | params | FP top-1 | target | train time | command |",
+    lines = ["| model | timm class | params | FP top-1 | target | train time (CPU, 1 thread) | command |",
              "|---|---|---|---|---|---|---|"]
     for path in sorted(CARDS.glob("*.json")):
         c = json.loads(path.read_text())
@@ -90,7 +90,7 @@ def real_table() -> str:
     lines = ["| model | metric | recipe | W/A | FP | quant | target | met |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['metric']} | {r['method']} | W{r['w_bits']}A{r['a_bits']} | {r['fp']:.4g} | "
-                     f"{r['quant']:.4g} | {r['target']} | {'yes' if r['ok'] else 'no'} |")
+                     f"{r['quant']:.4g} | {r['target'] or '-'} | {'-' if r['ok'] is None else 'yes' if r['ok'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from reparq.data.fashion_mnist import load_fashion_mnist
 from reparq.errors import ReparqError
-from reparq.zoo.architectures import ARCHITECTURES
+from reparq.zoo.architectures import ARCHITECTURES, NUM_CLASSES
 from reparq.zoo.registry import CHECKPOINT_DIR, card_path, checkpoint_path
 
 
@@ -34,18 +34,27 @@ class TrainRecipe:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     erase_prob: float = 0.0
+    # Offline distillation: the soft targets of already trained zoo CNNs, computed once on the
+    # un-augmented training images (a 2-pixel shift or a flip does not change what a garment is),
+    # so the teachers cost one inference pass instead of one per step.
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
 
 # CNNs converge fast with a high AdamW rate. The transformers underfit on short schedules (swin_fm
 # at width 48 with random erasing: train loss 0.84, 86.9%; deit_fm at width 96 with a class token:
 # 87.9% after 12 epochs), so they train without random erasing, at width 64/32 (half the step time)
-# for more epochs, and DeiT pools the patch tokens instead of using a class token.
+# for more epochs, and DeiT pools the patch tokens instead of using a class token. On labels alone
+# they stopped at 88.20% / 88.17% after 18 epochs; distilling from the two zoo CNNs (as DeiT itself
+# learns from a CNN teacher) over 24 epochs gives 89.55% / 89.66%. 24 epochs take 43 CPU minutes on
+# one thread, about 25 minutes on two (a step is 0.62x as long on two threads).
 TRAIN_RECIPES: dict[str, TrainRecipe] = {
     "repvgg_fm": TrainRecipe(epochs=12, lr=3e-3, weight_decay=0.02),
     "repvgg_deep_fm": TrainRecipe(epochs=12, lr=3e-3, weight_decay=0.02),
     "mobileone_fm": TrainRecipe(epochs=14, lr=3e-3, weight_decay=0.02),
-    "deit_fm": TrainRecipe(epochs=18, lr=2e-3, weight_decay=0.05),
-    "swin_fm": TrainRecipe(epochs=18, lr=2e-3, weight_decay=0.05),
+    "deit_fm": TrainRecipe(epochs=24, lr=2e-3, weight_decay=0.05, teachers=("repvgg_fm", "mobileone_fm")),
+    "swin_fm": TrainRecipe(epochs=24, lr=2e-3, weight_decay=0.05, teachers=("repvgg_fm", "mobileone_fm")),
 }
 
 
@@ -68,6 +77,33 @@ def augment(x: torch.Tensor, gen: torch.Generator, erase_prob: float) -> torch.T
 
 
 @torch.no_grad()
+def teacher_probabilities(teachers: tuple[str, ...], images: torch.Tensor, temperature: float,
+                          batch_size: int = 500) -> torch.Tensor:
+    """Mean tempered softmax of the named zoo models (merged for speed: merging is exact)."""
+    from reparq.model.merge import merge_branches
+    from reparq.zoo.registry import load_model
+
+    total = torch.zeros(images.shape[0], NUM_CLASSES)
+    for name in teachers:
+        teacher = load_model(name).eval()
+        merge_branches(teacher)
+        for i in range(0, images.shape[0], batch_size):
+            total[i:i + batch_size] += F.softmax(teacher(images[i:i + batch_size]) / temperature, dim=1)
+    return total / len(teachers)
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: TrainRecipe,
+                  soft_targets: torch.Tensor | None) -> torch.Tensor:
+    """Label-smoothed cross-entropy, mixed with the KL to the teachers' soft targets when there are any."""
+    hard = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+    if soft_targets is None:
+        return hard
+    t = recipe.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), soft_targets, reduction="batchmean") * t * t
+    return (1 - recipe.distill_weight) * hard + recipe.distill_weight * soft
+
+
+@torch.no_grad()
 def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
     correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
@@ -87,6 +123,9 @@ def train(name: str, epochs: int | None = None, seed: int = 0, log=print, lr: fl
     model = ARCHITECTURES[name]()
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
+    start, cpu_start = time.time(), time.process_time()
+    soft = (teacher_probabilities(recipe.teachers, x_train, recipe.distill_temperature)
+            if recipe.teachers else None)
     steps_per_epoch = x_train.shape[0] // recipe.batch_size
     total, warmup = epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
     decay, no_decay = [], []
@@ -96,7 +135,6 @@ def train(name: str, epochs: int | None = None, seed: int = 0, log=print, lr: fl
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
-    start, cpu_start = time.time(), time.process_time()
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(x_train.shape[0], generator=gen)
@@ -104,7 +142,7 @@ def train(name: str, epochs: int | None = None, seed: int = 0, log=print, lr: fl
         for step in range(steps_per_epoch):
             idx = perm[step * recipe.batch_size:(step + 1) * recipe.batch_size]
             xb = augment(x_train[idx], gen, recipe.erase_prob)
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=recipe.label_smoothing)
+            loss = training_loss(model(xb), y_train[idx], recipe, None if soft is None else soft[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
