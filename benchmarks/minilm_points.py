@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         info = qmodel.reparq_info
         row = {"model": "minilm", "method": args.recipe, "w_bits": w_bits, "a_bits": a_bits, "metric": "cosine",
                "value": cosine["value"], "fp": 1.0, "quant": cosine["quant"], "delta": cosine["delta"],
-               "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": 0, "kept_at_8": label, "nn_agreement": agreement["quant"]}
+               "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": 0,
+               "kept_at_8": label, "nn_agreement": agreement["quant"]}
         print(row, flush=True)
         rows.append(row)
     write_table(args.out, command.strip(), rows)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from reparq.data.fashion_mnist import load_fashion_mnist
+from reparq.eval.accuracy import top1
 from reparq.zoo.registry import checkpoint_path, load_model, model_card
-from reparq.zoo.train import TRAIN_RECIPES, teacher_probabilities, top1, training_loss
+from reparq.zoo.train import TRAIN_RECIPES, teacher_probabilities, training_loss
 
 IMAGE_MODELS = sorted(TRAIN_RECIPES)
 TARGET_TOP1 = {"deit_fm": 89.0, "swin_fm": 89.0}  # transformers; every CNN: 92.0 (issue #3), deep RepVGG excepted

@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 
 from reparq.data.fashion_mnist import load_fashion_mnist
 from reparq.errors import ReparqError
+from reparq.eval.accuracy import top1
+from reparq.model.merge import merge_branches
 from reparq.zoo.architectures import ARCHITECTURES, NUM_CLASSES
-from reparq.zoo.registry import CHECKPOINT_DIR, card_path, checkpoint_path
+from reparq.zoo.registry import CHECKPOINT_DIR, card_path, checkpoint_path, load_model
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, erase_prob: float) -> torch.T
 def teacher_probabilities(teachers: tuple[str, ...], images: torch.Tensor, temperature: float,
                           batch_size: int = 500) -> torch.Tensor:
     """Mean tempered softmax of the named zoo models (merged for speed: merging is exact)."""
-    from reparq.model.merge import merge_branches
-    from reparq.zoo.registry import load_model
-
     total = torch.zeros(images.shape[0], NUM_CLASSES)
     for name in teachers:
-        teacher = load_model(name).eval()
+        teacher = load_model(name)  # in eval mode
         merge_branches(teacher)
         for i in range(0, images.shape[0], batch_size):
             total[i:i + batch_size] += F.softmax(teacher(images[i:i + batch_size]) / temperature, dim=1)
@@ -101,14 +100,6 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: TrainRecip
     t = recipe.distill_temperature
     soft = F.kl_div(F.log_softmax(logits / t, dim=1), soft_targets, reduction="batchmean") * t * t
     return (1 - recipe.distill_weight) * hard + recipe.distill_weight * soft
-
-
-@torch.no_grad()
-def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    model.eval()
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, images.shape[0], batch_size))
-    return 100.0 * correct / images.shape[0]
 
 
 def train(name: str, epochs: int | None = None, seed: int = 0, log=print, lr: float | None = None,
