@@ -149,10 +149,12 @@ def _train(model: nn.Module, steps: int = 60, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.parametrize("consumer_fold", [False, True])
 @pytest.mark.parametrize("build,trained", [(tiny_vit, False), (tiny_swin, False), (tiny_vit, True), (tiny_swin, True)])
-def test_model_level_fold_is_exact(build, trained):
+def test_model_level_fold_is_exact(build, trained, consumer_fold):
     """Whole model, every activation quantized (matmul inputs included), weights in float: the
-    per-channel path before the fold and the layer-wise path after it give the same output."""
+    per-channel path before the fold and the layer-wise path after it give the same output
+    (``consumer_fold``: also attn.proj and fc2, folded through their input affines)."""
     model = build()
     if trained:
         model = _train(model)
@@ -160,19 +162,24 @@ def test_model_level_fold_is_exact(build, trained):
     x = torch.randn(48, 1, 16, 16, dtype=torch.float64)
     batches = list(x.split(16))
     cfg = QuantConfig(w_bits=4, a_bits=4, keep_first_last_8bit=False)
-    pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(), seed=0, reporter=SILENT)
-    assert len(pairs) == len(find_postnorm_pairs(model)) > 0
+    pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(consumer_fold=consumer_fold, consumer_alpha=0.5), seed=0,
+                                reporter=SILENT)
+    blocks = len([m for m in model.modules() if type(m).__name__ in ("Block", "SwinTransformerBlock")])
+    assert len(pairs) == len(find_postnorm_pairs(model)) + (2 * blocks if consumer_fold else 0) > 0
     consumers = [model.get_submodule(c) for p in pairs for c in p.consumers]
     assert all(l.input_quantizer.scale.numel() > 1 for l in consumers)  # per channel before
     for _, layer in quantized_layers(model):
         layer.weight_quantizer.enabled = False
     with torch.no_grad():
         before = model(x)
-        norms_before = {p.norm: model.get_submodule(p.norm).weight.clone() for p in pairs}
+        norms_before = {p.norm: model.get_submodule(p.norm).weight.clone() for p in pairs if p.norm}
         fold_postnorm_pairs(model, pairs)
         after = model(x)
     assert all(l.input_quantizer.scale.numel() == 1 and l.input_quantizer.channel_axis is None for l in consumers)
-    assert any(not torch.equal(model.get_submodule(n).weight, w) for n, w in norms_before.items())
+    assert any(not torch.equal(model.get_submodule(n).weight, w) for n, w in norms_before.items() if n)
+    with_affine = {c for p in pairs for c in p.consumers if model.get_submodule(c)._modules.get("input_affine")}
+    assert with_affine == {c for p in pairs if not p.folds_into_norm for c in p.consumers}
+    assert bool(with_affine) == consumer_fold
     torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
 
 

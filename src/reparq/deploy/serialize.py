@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from reparq.errors import ReparqError
 from reparq.model.attention_adapters import describe_attention, rebuild_attention
 from reparq.model.postnorm import add_folded_biases
-from reparq.nn.qmodules import QUANTIZED_TYPES, quantized_layers
+from reparq.nn.qmodules import QUANTIZED_TYPES, attach_input_affine, quantized_layers
 from reparq.recipes.prepare import prepare_for_deployment
 
 FORMAT, FORMAT_VERSION = "reparq-quantized", 1
@@ -152,6 +152,9 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
             quantizer = getattr(q, f"{role}_quantizer")
             prefix = f"{name}.{role}_quantizer."
             _restore_quantizer(quantizer, layer_meta[role], tensors.pop(prefix + "scale"), tensors.pop(prefix + "zero_point"))
+        if name + ".input_affine.mul" in tensors:  # a consumer-side fold's multiply-add (values loaded below)
+            attach_input_affine(q, torch.ones_like(tensors[name + ".input_affine.mul"]),
+                                torch.zeros_like(tensors[name + ".input_affine.add"]))
         ints = tensors.pop(name + _INT_SUFFIX, None)
         if ints is not None:
             scale, _ = q.weight_quantizer.shaped_params(q.weight)

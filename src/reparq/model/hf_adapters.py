@@ -56,6 +56,7 @@ class HFFamily:
     norm_consumers: tuple[tuple[str, tuple[str, ...]], ...]
     exclusive_norms: bool
     not_post_act: tuple[str, ...] = ()
+    inner_inputs: tuple[str, ...] = ()  # Linears inside a block that no norm feeds (relative to the block)
 
 
 HF_FAMILIES: dict[str, HFFamily] = {
@@ -69,6 +70,7 @@ HF_FAMILIES: dict[str, HFFamily] = {
         # qkv of layer i read the previous layer's output.LayerNorm (or the embeddings' norm): see norm_consumers.
         norm_consumers=(("attention.output.LayerNorm", ("intermediate.dense",)),),
         exclusive_norms=False,
+        inner_inputs=("attention.output.dense", "output.dense"),
     ),
     "llama": HFFamily(
         attention=("LlamaAttention",),
@@ -79,6 +81,7 @@ HF_FAMILIES: dict[str, HFFamily] = {
         norm_consumers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
         exclusive_norms=True,
+        inner_inputs=("self_attn.o_proj", "mlp.down_proj"),
     ),
 }
 # (module path, class name) of the attention classes registered with the attention adapters.
@@ -278,6 +281,17 @@ def count_points(model: nn.Module) -> dict[str, int]:
     for p in quantization_points(model):
         counts[p.kind] = counts.get(p.kind, 0) + 1
     return counts
+
+
+def inner_inputs(model: nn.Module) -> list[str]:
+    """Full names of the block-inner Linears no norm feeds (attention output projection, fc2)."""
+    family = hf_family(model)
+    if family is None:
+        return []
+    spec = HF_FAMILIES[family]
+    modules = dict(model.named_modules())
+    blocks = [n for n in modules if re.fullmatch(spec.blocks, n)]
+    return [f"{b}.{rel}" for b in blocks for rel in spec.inner_inputs if f"{b}.{rel}" in modules]
 
 
 def norm_consumers(model: nn.Module) -> list[tuple[str, list[str], bool]]:

@@ -60,10 +60,37 @@ def register_norm_consumers(block_class_name: str, pairs: tuple[tuple[str, tuple
     NORM_CONSUMERS[block_class_name] = tuple((n, tuple(c)) for n, c in pairs)
 
 
+# Block class name -> Linear inputs inside the block that no norm feeds (the attention output
+# projection reads the attention context, fc2 the activation's output): per-channel ranges there
+# can only be folded at the consumer (:func:`fold_at_consumers`).
+INNER_INPUTS: dict[str, tuple[str, ...]] = {
+    "Block": ("attn.proj", "mlp.fc2"),
+    "SwinTransformerBlock": ("attn.proj", "mlp.fc2"),
+}
+
+
 @dataclass(frozen=True)
 class NormPair:
+    """Consumer Linears that read one tensor, calibrated per channel on it.
+
+    ``norm`` is the module whose output they read ("" where no norm does: then the first
+    consumer's input is observed). ``exclusive``: the norm feeds only them, so the fold goes into
+    the norm's affine for free; otherwise (post-LN residual, fc2, attention output projection) the
+    division stays in front of the consumers as an :class:`~reparq.nn.qmodules.InputAffine`.
+    """
+
     norm: str
     consumers: tuple[str, ...]
+    exclusive: bool = True
+
+    @property
+    def key(self) -> str:
+        """Name of the observed tensor's source (rows and statistics are keyed by it)."""
+        return self.norm or self.consumers[0]
+
+    @property
+    def folds_into_norm(self) -> bool:
+        return bool(self.norm) and self.exclusive
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -105,6 +132,24 @@ def find_postnorm_pairs(model: nn.Module) -> list[NormPair]:
                 and all(isinstance(modules.get(c), nn.Linear) for c in consumers):
             pairs.append(NormPair(norm_name, tuple(consumers)))
     return pairs
+
+
+def find_consumer_side_groups(model: nn.Module) -> list[NormPair]:
+    """Linear inputs that a per-channel quantizer can serve only through a consumer-side fold:
+    consumers of norms that also feed the residual (post-LN BERT) and the block-inner inputs
+    (attention output projection, fc2) of the families the tables know."""
+    from reparq.model.hf_adapters import inner_inputs, norm_consumers
+
+    modules = dict(model.named_modules())
+    groups = [NormPair(norm_name, tuple(consumers), exclusive=False)
+              for norm_name, consumers, exclusive in norm_consumers(model)
+              if not exclusive and is_norm(modules.get(norm_name))
+              and all(isinstance(modules.get(c), nn.Linear) for c in consumers)]
+    names = [f"{name}.{rel}" if name else rel for name, module in modules.items()
+             for rel in INNER_INPUTS.get(type(module).__name__, ())]
+    names += inner_inputs(model)
+    groups += [NormPair("", (n,), exclusive=False) for n in names if isinstance(modules.get(n), nn.Linear)]
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,23 +213,9 @@ def fold_postnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tens
     and the module to install at the norm's place (a :class:`ShiftedNorm` only when the norm has
     no bias and the zero points differ). See the module docstring for the math.
     """
-    scale = scale.detach().reshape(-1).double()
-    zero_point = zero_point.detach().reshape(-1).double()
-    if not torch.equal(zero_point, zero_point.round()):
-        raise ReparqError("post-norm fold needs integer zero points; round them before folding")
-    if bool((scale <= 0).any()):
-        raise ReparqError("post-norm fold needs positive scales")
-    channels = scale.numel()
-    if not consumers:
-        raise ReparqError("post-norm fold needs at least one consumer layer")
-    for layer in consumers:
-        if layer.in_features != channels:
-            raise ReparqError(f"consumer takes {layer.in_features} inputs but the quantizer has {channels} channels")
-    s_t, z_t = layerwise_params(scale, zero_point, bits)
-    r1 = scale / s_t.double()
-    r2 = zero_point - z_t.double()
-    shift = scale * r2  # in the norm's output units, before the division by r1
-    needs_shift = bool((r2 != 0).any())
+    s_t, z_t, r1, shift = _fold_factors(consumers, scale, zero_point, bits)
+    needs_shift = bool((shift != 0).any())
+    channels = r1.numel()
 
     weight = getattr(norm, "weight", None)
     if weight is None:
@@ -198,16 +229,61 @@ def fold_postnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tens
             norm.bias.copy_(((norm.bias.double() + shift) / r1).to(norm.bias.dtype))
         else:
             result_norm = ShiftedNorm(norm, (shift / r1).to(weight.dtype))
+    _fold_into_weights(consumers, r1, shift)
+    return FoldResult(result_norm, s_t, z_t)
+
+
+def _fold_factors(consumers: list[nn.Linear], scale: torch.Tensor, zero_point: torch.Tensor,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked ``(s~, z~, r1, shift = s * r2)`` of the fold (float64 factors; module docstring)."""
+    scale = scale.detach().reshape(-1).double()
+    zero_point = zero_point.detach().reshape(-1).double()
+    if not torch.equal(zero_point, zero_point.round()):
+        raise ReparqError("post-norm fold needs integer zero points; round them before folding")
+    if bool((scale <= 0).any()):
+        raise ReparqError("post-norm fold needs positive scales")
+    if not consumers:
+        raise ReparqError("post-norm fold needs at least one consumer layer")
+    for layer in consumers:
+        if layer.in_features != scale.numel():
+            raise ReparqError(f"consumer takes {layer.in_features} inputs but the quantizer has {scale.numel()} channels")
+    s_t, z_t = layerwise_params(scale, zero_point, bits)
+    r1 = scale / s_t.double()
+    return s_t, z_t, r1, scale * (zero_point - z_t.double())  # shift in the input's units, before the division
+
+
+def _fold_into_weights(consumers: list[nn.Linear], r1: torch.Tensor, shift: torch.Tensor) -> None:
+    """``W' = W * r1`` and ``b' = b - W shift`` (a bias is added where the shift needs one)."""
     for layer in consumers:
         w = layer.weight.double()
-        if needs_shift:
+        if bool((shift != 0).any()):
             correction = w @ shift
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                                       device=layer.weight.device), requires_grad=False)
             layer.bias.copy_((layer.bias.double() - correction).to(layer.bias.dtype))
         layer.weight.copy_((w * r1).to(layer.weight.dtype))
-    return FoldResult(result_norm, s_t, z_t)
+
+
+@torch.no_grad()
+def fold_at_consumers(consumers: list[nn.Linear], scale: torch.Tensor, zero_point: torch.Tensor,
+                      bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same conversion when nothing upstream can take the division: each consumer gets an
+    :class:`~reparq.nn.qmodules.InputAffine` ``x' = (x + s r2) / r1`` in front of its (now
+    layer-wise) input quantizer, and ``W * r1``; the layer subtracts ``W' (s r2 / r1)`` from its
+    bias with its quantized weight. Exact as the norm fold (the integers are the per-channel
+    ones); the cost is one float multiply-add per input element, which a runtime can merge into
+    its QuantizeLinear. Returns the layer-wise ``(scale, zero_point)``."""
+    from reparq.nn.qmodules import attach_input_affine
+
+    s_t, z_t, r1, shift = _fold_factors(consumers, scale, zero_point, bits)
+    for layer in consumers:
+        dtype = layer.weight.dtype
+        attach_input_affine(layer, (1.0 / r1).to(dtype), (shift / r1).to(dtype))
+    # The bias keeps its value: the layer subtracts W' @ (shift / r1) = W @ shift itself, with
+    # whatever weight it quantizes to (QuantizedLayer.input_bias).
+    _fold_into_weights(consumers, r1, torch.zeros_like(shift))
+    return s_t, z_t
 
 
 def add_folded_biases(model: nn.Module, state_keys) -> list[str]:
@@ -243,5 +319,6 @@ def fold_rmsnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tenso
     return fold_postnorm(norm, consumers, scale, zero_point, bits)
 
 
-__all__ = ["FoldResult", "add_folded_biases", "NORM_CONSUMERS", "NormPair", "ShiftedNorm", "find_postnorm_pairs", "fold_postnorm",
-           "fold_rmsnorm", "is_norm", "layerwise_params", "register_norm_consumers", "shared_zero_point_params"]
+__all__ = ["FoldResult", "add_folded_biases", "INNER_INPUTS", "NORM_CONSUMERS", "NormPair", "ShiftedNorm",
+           "find_consumer_side_groups", "find_postnorm_pairs", "fold_at_consumers", "fold_postnorm", "fold_rmsnorm",
+           "is_norm", "layerwise_params", "register_norm_consumers", "shared_zero_point_params"]

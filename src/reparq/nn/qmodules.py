@@ -45,6 +45,23 @@ class QuantizedLayer:
         self.input_quantizer.enabled = inputs
 
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        # A consumer-side fold's per-channel multiply-add (postnorm.fold_at_consumers), if any.
+        affine = self._modules.get("input_affine")
+        return x if affine is None else affine(x)
+
+    def input_bias(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The bias to use with ``weight`` (the quantized one): an input affine's offset ``add``
+        enters the product, so ``weight @ add`` is taken off here, with the weight that actually
+        multiplies it. A bias corrected once with the float weight would leave ``(W_q - W) @ add``
+        behind, which large offsets turn into a large error at 4-6 bit weights; an integer kernel
+        removes the same term through its zero-point correction."""
+        affine = self._modules.get("input_affine")
+        if affine is None:
+            return self.bias
+        correction = F.linear(affine.add.to(weight.dtype), weight)
+        return -correction if self.bias is None else self.bias - correction
+
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         # QPRep's per-channel affine, present only between calibration and its fold.
         affine = self._modules.get("output_affine")
@@ -53,12 +70,42 @@ class QuantizedLayer:
 
 class QConv2d(QuantizedLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._output(self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias))
+        return self._output(self._conv_forward(self.input_quantizer(self._input(x)), self.quantized_weight(), self.bias))
 
 
 class QLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._output(F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias))
+        weight = self.quantized_weight()
+        return self._output(F.linear(self.input_quantizer(self._input(x)), weight, self.input_bias(weight)))
+
+
+class InputAffine(nn.Module):
+    """``x * mul + add`` over the last axis, in front of a Linear's input quantizer: where a
+    per-channel input range was folded into a layer-wise one and no upstream op could take the
+    per-channel division (the norm also feeds the residual; fc2 reads a nonlinearity). The layer
+    takes ``W_q @ add`` off its bias (:meth:`QuantizedLayer.input_bias`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mul", torch.ones(channels))
+        self.register_buffer("add", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mul + self.add
+
+
+def attach_input_affine(layer: "QuantizedLayer", mul: torch.Tensor, add: torch.Tensor) -> InputAffine:
+    """Give ``layer`` an input affine, composed with one it already has (so a second fold stays exact)."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"an input affine needs a Linear consumer (channels on the last axis), got {type(layer).__name__}")
+    old = layer._modules.get("input_affine")
+    if old is not None:  # (x * m0 + a0) * m + a
+        mul, add = old.mul * mul, old.add * mul + add
+    affine = InputAffine(mul.numel()).to(device=mul.device, dtype=mul.dtype)
+    affine.mul.copy_(mul)
+    affine.add.copy_(add)
+    layer.input_affine = affine
+    return affine
 
 
 QUANTIZED_TYPES: dict[type, type] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

@@ -21,13 +21,14 @@ import torch
 import torch.nn as nn
 
 from reparq.config import QuantConfig
-from reparq.model.postnorm import NormPair, fold_postnorm, norm_has_bias, shared_zero_point_params
+from reparq.model.postnorm import (NormPair, find_consumer_side_groups, find_postnorm_pairs, fold_at_consumers,
+                                   fold_postnorm, norm_has_bias, shared_zero_point_params)
 from reparq.nn.qmodules import QuantizedLayer, quantized_layers
 from reparq.parallel import gather_cat
 from reparq.quant.dual_clip import DualClipQuantizer
 from reparq.quant.percentile_search import percentile_search_params, unwidened_params
 from reparq.quant.ranges import estimate_params
-from reparq.quant.uniform import UniformQuantizer
+from reparq.quant.uniform import UniformQuantizer, int_range
 from reparq.recipes.calibrate import forward_batch, set_quant_enabled
 from reparq.recipes.insert import _set_submodule
 
@@ -58,22 +59,37 @@ def quantizable_pairs(model: nn.Module, pairs: list[NormPair]) -> list[NormPair]
     return kept
 
 
+def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | None = False) -> list[NormPair]:
+    """The groups a transformer recipe calibrates per channel: post-norm pairs that fold into
+    their norm (``norms``) and, with ``consumer_fold``, the inputs that fold only at the consumer.
+    ``consumer_fold=None`` ("auto"): only on post-LN models (BERT), whose norms all feed the
+    residual, so that without it nothing there would be calibrated per channel."""
+    pairs = find_postnorm_pairs(model) if norms else []
+    if consumer_fold is not False:
+        side = find_consumer_side_groups(model)
+        if consumer_fold or any(g.norm for g in side):
+            pairs += side
+    return quantizable_pairs(model, pairs)
+
+
 @torch.no_grad()
 def observe_norm_outputs(model: nn.Module, pairs: list[NormPair], batches: list[torch.Tensor],
                          max_rows: int = 1 << 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Rows ``[M, C]`` of every paired norm's output on the float model (a seeded subsample of the
-    tokens, at most ``max_rows``, spread evenly over the batches)."""
+    """Rows ``[M, C]`` of every pair's observed tensor on the float model, keyed by ``pair.key``
+    (a seeded subsample of the tokens, at most ``max_rows``, spread evenly over the batches)."""
     gen = torch.Generator().manual_seed(seed)
     per_batch = max(1, math.ceil(max_rows / max(1, len(batches))))
-    rows: dict[str, list[torch.Tensor]] = {p.norm: [] for p in pairs}
+    rows: dict[str, list[torch.Tensor]] = {p.key: [] for p in pairs}
 
-    def hook(module, args, out, name):
+    def keep(name: str, out: torch.Tensor) -> None:
         flat = out.detach().float().reshape(-1, out.shape[-1]).cpu()
         if flat.shape[0] > per_batch:
             flat = flat[torch.randperm(flat.shape[0], generator=gen, device="cpu").to(flat.device)[:per_batch]]
         rows[name].append(flat)
 
-    handles = [model.get_submodule(p.norm).register_forward_hook(lambda m, a, o, n=p.norm: hook(m, a, o, n))
+    # A norm's output, or (no norm: fc2, attention output projection) the first consumer's input.
+    handles = [model.get_submodule(p.norm).register_forward_hook(lambda m, a, o, n=p.key: keep(n, o)) if p.norm
+               else model.get_submodule(p.key).register_forward_pre_hook(lambda m, a, n=p.key: keep(n, a[0]))
                for p in pairs]
     set_quant_enabled(model, weights=False, inputs=False)
     try:
@@ -98,23 +114,58 @@ def channel_params(rows: torch.Tensor, bits: int, method: str = "percentile") ->
     raise ValueError(f"unknown per-channel range method {method!r}; choose one of {CHANNEL_METHODS}")
 
 
+def balanced_channel_params(scale: torch.Tensor, zero_point: torch.Tensor, weight_max: torch.Tensor, bits: int,
+                            alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel grids that move only part of the channel spread into the weights.
+
+    The fold multiplies the consumers' weight column c by ``r_c ~ s_c``: with the full per-channel
+    scales, a channel a hundred times wider than the rest makes its weight column a hundred times
+    larger, which a 4-bit per-output-channel weight grid cannot hold. So, as SmoothQuant balances
+    its migration, the grid ratio becomes ``r_c = range_c^alpha * weight_max_c^(alpha - 1)``: each
+    channel's step is ``r_c * u`` with ``u`` the smallest common factor that still covers every
+    channel's [lo, hi] (nothing extra is clipped), and the zero point centres the range in its grid.
+    ``alpha = 1`` gives back the plain per-channel grids; smaller values leave more of the spread
+    on the activation side. The fold stays exact for any choice (integer zero points).
+    """
+    qmin, qmax = int_range(bits, symmetric=False)
+    lo, hi = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    eps = torch.finfo(torch.float32).eps
+    span = (hi - lo).double().clamp_min(eps)
+    ratio = span.pow(alpha) * weight_max.double().clamp_min(eps).pow(alpha - 1.0)
+    ratio = ratio / ratio.mean()
+    step = (ratio * (span / ratio).max() / (qmax - qmin)).to(scale.dtype)
+    centre = torch.round((qmin + qmax) / 2 - (lo + hi) / (2 * step))
+    return step, centre
+
+
+def _weight_column_max(layers: list[QuantizedLayer]) -> torch.Tensor:
+    return torch.stack([l.weight.detach().abs().amax(dim=0) for l in layers]).amax(dim=0).float().cpu()
+
+
 def calibrate_postnorm(model: nn.Module, pairs: list[NormPair], rows: dict[str, torch.Tensor],
-                       method: str = "percentile", learnable: bool = False, lr: float = 1e-3) -> None:
+                       method: str = "percentile", learnable: bool = False, lr: float = 1e-3,
+                       consumer_alpha: float = 1.0) -> None:
     """Make each pair's consumer input quantizers per-channel with ranges from the norm's output.
 
     ``learnable``: install RepQuant's :class:`DualClipQuantizer` (one shared by all consumers of a
     norm, so they learn one set of bounds) instead of a fixed per-channel quantizer.
+    ``consumer_alpha``: the migration strength of consumer-side groups
+    (:func:`balanced_channel_params`); norm folds keep RepQ-ViT's full per-channel grids.
     """
     for pair in pairs:
-        if pair.norm not in rows:
+        if pair.key not in rows:
             continue
         layers = _consumers(model, pair)
         bits = layers[0].input_quantizer.bits
-        scale, zp = channel_params(rows[pair.norm], bits, method)
+        scale, zp = channel_params(rows[pair.key], bits, method)
+        if not pair.folds_into_norm and consumer_alpha != 1.0:
+            scale, zp = balanced_channel_params(scale, zp, _weight_column_max(layers).to(scale.device), bits,
+                                                consumer_alpha)
         lo, hi = (layers[0].input_quantizer.qmin - zp) * scale, (layers[0].input_quantizer.qmax - zp) * scale
         # A norm without a bias (RMSNorm) has nowhere to put the fold's shift: one zero point for
         # all channels makes the shift vanish, so the fold adds no op (postnorm module docstring).
-        one_zero_point = not norm_has_bias(model.get_submodule(pair.norm))
+        # A consumer-side fold carries its shift in the input affine.
+        one_zero_point = pair.folds_into_norm and not norm_has_bias(model.get_submodule(pair.norm))
         if one_zero_point and not learnable:
             scale, zp = shared_zero_point_params(lo, hi, bits)
         if learnable:
@@ -145,12 +196,16 @@ def fold_postnorm_pairs(model: nn.Module, pairs: list[NormPair]) -> list[str]:
         if aq.channel_axis is None or aq.scale.numel() <= 1:
             continue  # not calibrated per channel: nothing to fold
         scale, zp = channel_quantizer_params(aq)
-        result = fold_postnorm(model.get_submodule(pair.norm), layers, scale, zp, aq.bits)
-        if result.norm is not model.get_submodule(pair.norm):
-            _set_submodule(model, pair.norm, result.norm)
+        if pair.folds_into_norm:
+            result = fold_postnorm(model.get_submodule(pair.norm), layers, scale, zp, aq.bits)
+            if result.norm is not model.get_submodule(pair.norm):
+                _set_submodule(model, pair.norm, result.norm)
+            s_t, z_t = result.scale, result.zero_point
+        else:
+            s_t, z_t = fold_at_consumers(layers, scale, zp, aq.bits)
         for layer in layers:
             fresh = UniformQuantizer(aq.bits, symmetric=False, channel_axis=None)
-            fresh.set_params(result.scale, result.zero_point)
+            fresh.set_params(s_t, z_t)
             fresh.enabled = aq.enabled
             layer.input_quantizer = fresh
         changed.extend(pair.consumers)
@@ -181,5 +236,5 @@ def percentile_activation_params(observer, quantizer: UniformQuantizer):
     return percentile_search_params(data, quantizer.bits, quantizer.symmetric)
 
 
-__all__ = ["calibrate_postnorm", "channel_params", "fold_postnorm_pairs", "init_weight_ranges_for",
-           "observe_norm_outputs", "percentile_activation_params", "quantizable_pairs"]
+__all__ = ["balanced_channel_params", "calibrate_postnorm", "channel_params", "fold_postnorm_pairs", "init_weight_ranges_for",
+           "observe_norm_outputs", "percentile_activation_params", "quantizable_pairs", "reparam_groups"]

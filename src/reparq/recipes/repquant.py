@@ -42,6 +42,7 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
     iters: int = 200  # quantized weight reconstruction steps per block
     clip_iters: int = 100  # dual-clipping steps per block (0: keep the percentile bounds)
     clip_lr: float = 1e-3  # in units of each channel's initial range per step (Adam)
+    consumer_fold: bool | None = None  # None: on for post-LN models (BERT) only; see RepQViTOptions
 
 
 @register_recipe("repquant", "RepQuant: learnable per-channel dual clipping of post-norm inputs (block loss), "

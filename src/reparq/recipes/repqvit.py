@@ -27,7 +27,6 @@ import torch.nn as nn
 from reparq.config import QuantConfig
 from reparq.errors import ReparqError
 from reparq.model.attention_adapters import PROBS_KINDS, adapt_attention
-from reparq.model.postnorm import find_postnorm_pairs
 from reparq.progress import SILENT, Reporter
 from reparq.quant.log_reparam import convert_logsqrt2_to_log2
 from reparq.recipes import baselines, block_recon, repapq  # noqa: F401  (listed before us, whoever imports first)
@@ -36,7 +35,7 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.registry import register_recipe
 from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm, fold_postnorm_pairs, init_weight_ranges_for,
-                                    observe_norm_outputs, percentile_activation_params, quantizable_pairs)
+                                    observe_norm_outputs, percentile_activation_params, reparam_groups)
 
 RANGE_MODES = ("percentile", "config")
 
@@ -46,6 +45,10 @@ class RepQViTOptions:
     ranges: str = "percentile"  # "percentile": RepQ-ViT's search; "config": QuantConfig's estimators
     channel_ranges: str = "percentile"  # per-channel post-norm ranges: "percentile" | "minmax"
     reparam: bool = True  # False: leave the post-norm inputs per tensor (ablation)
+    # True: also the Linear inputs that only a consumer-side fold can serve (post-LN norms that
+    # feed the residual, the attention output projection, fc2), at one float multiply-add each.
+    consumer_fold: bool = False
+    consumer_alpha: float = 0.5  # how much of those inputs' channel spread moves into the weights (1: all)
     probs: str = "logsqrt2"  # "logsqrt2" | "log2" | "uniform"
     to_log2: bool = True  # convert log-sqrt2 to the deployed log2+parity form at the end
     max_rows: int = 1 << 16  # tokens kept per norm for the per-channel statistics
@@ -55,6 +58,8 @@ class RepQViTOptions:
             raise ReparqError(f"ranges must be one of {', '.join(RANGE_MODES)}, got {self.ranges!r}")
         if self.channel_ranges not in CHANNEL_METHODS:
             raise ReparqError(f"channel_ranges must be one of {', '.join(CHANNEL_METHODS)}, got {self.channel_ranges!r}")
+        if not 0.0 <= self.consumer_alpha <= 1.0:
+            raise ReparqError(f"consumer_alpha must be within [0, 1], got {self.consumer_alpha}")
         if self.probs not in PROBS_KINDS:
             raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, got {self.probs!r}")
 
@@ -72,11 +77,12 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
     init_weight_ranges_for(model, config, percentile=percentile)
     init_activation_ranges(model, batches, config, seed=seed, reporter=reporter,
                            params_fn=percentile_activation_params if percentile else None, observer_index=observer_index)
-    pairs = quantizable_pairs(model, find_postnorm_pairs(model)) if options.reparam else []
+    pairs = reparam_groups(model, norms=options.reparam, consumer_fold=options.consumer_fold)
     if pairs:
         reporter.stage("post-norm statistics", total=1)
         rows = observe_norm_outputs(model, pairs, batches, options.max_rows, seed=seed)
-        calibrate_postnorm(model, pairs, rows, options.channel_ranges, learnable=learnable_clip, lr=clip_lr)
+        calibrate_postnorm(model, pairs, rows, options.channel_ranges, learnable=learnable_clip, lr=clip_lr,
+                           consumer_alpha=options.consumer_alpha)
         reporter.advance(1)
     return pairs
 

@@ -41,7 +41,6 @@ from reparq.errors import ReparqError
 from reparq.eval.measure import measure
 from reparq.model.attention_adapters import adapt_attention, describe_attention
 from reparq.model.blocks import Unit, discover_units
-from reparq.model.postnorm import find_postnorm_pairs
 from reparq.nn.qmodules import quantized_layers
 from reparq.progress import SILENT, Reporter
 from reparq.quant.log_reparam import convert_logsqrt2_to_log2
@@ -49,7 +48,7 @@ from reparq.recipes.block_recon import recon_config
 from reparq.recipes.calibrate import activation_quantizers, set_quant_enabled
 from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
-from reparq.recipes.reparam import quantizable_pairs
+from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
 from reparq.stream.checkpoint import LazyCheckpoint
 from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
@@ -94,7 +93,7 @@ def _plan(skeleton: nn.Module, config, options) -> Plan:
     bits = insert_quantizers(q, config)
     adapt_attention(q, config.a_bits, probs=options.probs, ignore=config.ignore)
     units = discover_units(q)  # decoder layers, then lm_head: execution order
-    pairs = quantizable_pairs(q, find_postnorm_pairs(q)) if options.reparam else []
+    pairs = reparam_groups(q, norms=options.reparam, consumer_fold=getattr(options, "consumer_fold", False))
     return Plan(bits, {n: i for i, (n, _) in enumerate(activation_quantizers(q))},
                 {u.name: k for k, u in enumerate(units)}, {u.name: u.stage for u in units}, bool(pairs))
 

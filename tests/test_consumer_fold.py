@@ -1,0 +1,154 @@
+"""The consumer-side fold: per-channel input ranges turned layer-wise where no upstream op can
+take the per-channel division (post-LN BERT norms that also feed the residual, fc2 after the
+activation, the attention output projection), through an input affine in front of the consumer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+import reparq  # noqa: E402
+from reparq.config import QuantConfig  # noqa: E402
+from reparq.model.postnorm import find_consumer_side_groups, fold_at_consumers  # noqa: E402
+from reparq.nn.qmodules import QLinear, quantized_layers  # noqa: E402
+from reparq.progress import SILENT  # noqa: E402
+from reparq.quant.uniform import UniformQuantizer  # noqa: E402
+from reparq.recipes.reparam import balanced_channel_params, fold_postnorm_pairs  # noqa: E402
+from reparq.recipes.repqvit import RepQViTOptions, prepare_transformer  # noqa: E402
+from tests.test_hf_adapters import LAYERS, tiny_bert, tiny_llama, token_batch  # noqa: E402
+
+
+def _linear(seed: int = 0, bias: bool = True) -> QLinear:
+    torch.manual_seed(seed)
+    return QLinear.from_float(torch.nn.Linear(12, 5, bias=bias), 4, 4)
+
+
+def test_groups_per_family():
+    """BERT: every norm is also the residual (embeddings + 2 per layer, the last layer's output norm
+    feeds no Linear) plus attention output projection and fc2; LLaMA: only o_proj and down_proj."""
+    bert = find_consumer_side_groups(tiny_bert())
+    assert len(bert) == 4 * LAYERS
+    assert sum(1 for g in bert if g.norm) == 2 * LAYERS and not any(g.exclusive for g in bert)
+    assert ("", ("encoder.layer.1.output.dense",)) in {(g.norm, g.consumers) for g in bert}
+    llama = find_consumer_side_groups(tiny_llama())
+    assert {g.consumers[0].rsplit(".", 2)[-2] + "." + g.consumers[0].rsplit(".", 1)[-1] for g in llama} == \
+        {"self_attn.o_proj", "mlp.down_proj"}
+    assert len(llama) == 2 * LAYERS and all(g.norm == "" for g in llama)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_at_consumers_is_exact_per_element(bias):
+    """Per-channel quantizer on the input == layer-wise quantizer after the input affine, weights
+    in float, in float64 (same integers, same products)."""
+    layer = _linear(bias=bias).double()
+    x = torch.randn(64, 12, dtype=torch.float64) * torch.linspace(0.1, 8, 12, dtype=torch.float64) + 3.0
+    aq = UniformQuantizer(4, symmetric=False, channel_axis=-1)
+    lo, hi = x.min(0).values, x.max(0).values
+    scale = (hi - lo) / 15
+    aq.set_params(scale, torch.round(-lo / scale))
+    layer.input_quantizer = aq
+    layer.weight_quantizer.enabled = False
+    with torch.no_grad():
+        before = layer(x)
+        s_t, z_t = fold_at_consumers([layer], aq.scale, aq.zero_point, 4)
+        fresh = UniformQuantizer(4, symmetric=False)
+        fresh.set_params(s_t, z_t)
+        layer.input_quantizer = fresh
+        after = layer(x)
+    assert layer.input_affine is not None and s_t.numel() == 1
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
+
+
+def test_offset_is_removed_with_the_quantized_weight():
+    """The affine's offset enters the product and leaves it through W_q: with the weights on a
+    4-bit grid the output is exactly W_q (x * mul) + b, however large the offset."""
+    layer = _linear()
+    with torch.no_grad():
+        layer.weight_quantizer.set_params(layer.weight.abs().amax(1) / 7, torch.zeros(5))
+    layer.input_quantizer.enabled = False
+    from reparq.nn.qmodules import attach_input_affine
+
+    mul, add = torch.rand(12) + 0.5, torch.randn(12) * 100.0
+    attach_input_affine(layer, mul, add)
+    x = torch.randn(8, 12)
+    with torch.no_grad():
+        wq = layer.quantized_weight()
+        torch.testing.assert_close(layer(x), F.linear(x * mul, wq, layer.bias), rtol=0, atol=1e-3)
+        assert not torch.allclose(wq, layer.weight)  # the weights are really quantized
+
+
+def test_second_affine_composes():
+    from reparq.nn.qmodules import attach_input_affine
+
+    layer = _linear()
+    attach_input_affine(layer, torch.full((12,), 2.0), torch.ones(12))
+    attach_input_affine(layer, torch.full((12,), 3.0), torch.full((12,), -1.0))
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer.input_affine(x), (x * 2 + 1) * 3 - 1)
+
+
+def test_balanced_grids_cover_every_channel_and_shrink_the_weight_spread():
+    g = torch.Generator().manual_seed(0)
+    width = torch.rand(32, generator=g) * 0.5 + 0.05
+    width[3] = 40.0  # one outlier channel
+    lo, hi = -width * torch.rand(32, generator=g), width
+    scale = (hi - lo) / 255
+    zp = torch.round(-lo / scale)
+    wmax = torch.rand(32, generator=g) + 0.1
+    full_scale, _ = balanced_channel_params(scale, zp, wmax, 8, 1.0)
+    torch.testing.assert_close(full_scale, scale)  # alpha 1: the plain per-channel grids
+    step, centre = balanced_channel_params(scale, zp, wmax, 8, 0.5)
+    assert ((0 - centre) * step <= lo + step / 2).all() and ((255 - centre) * step >= hi - step / 2).all()
+    # Weight column c is multiplied by a factor proportional to the step: the spread of the scaled
+    # columns' maxima shrinks (the outlier's column no longer dominates the row).
+    spread = lambda s: ((s * wmax).max() / (s * wmax).median()).item()  # noqa: E731
+    assert spread(step) < spread(full_scale) / 3
+
+
+def _bert_model_output(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def test_bert_consumer_fold_exact_and_state_round_trips(tmp_path):
+    """Whole tiny BERT, float64, weights in float: per-channel before, layer-wise + affines after,
+    same output; then a saved and reloaded quantized BERT gives the same output."""
+    model = tiny_bert().double()
+    batches = [token_batch(4, 12, seed=s, pad=False) for s in range(3)]
+    cfg = QuantConfig(w_bits=6, a_bits=6, keep_first_last_8bit=False)
+    pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(consumer_fold=True), seed=0, reporter=SILENT)
+    assert len(pairs) == 4 * LAYERS  # all consumer-side (BERT has no exclusive norm)
+    for _, layer in quantized_layers(model):
+        layer.weight_quantizer.enabled = False
+    x = token_batch(4, 12, seed=9, pad=False)
+    before = _bert_model_output(model, x)
+    fold_postnorm_pairs(model, pairs)
+    after = _bert_model_output(model, x)
+    assert sum(1 for _, l in quantized_layers(model) if l._modules.get("input_affine") is not None) == 6 * LAYERS
+    torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
+
+    qmodel = reparq.quantize(tiny_bert(), batches, recipe="repqvit", w_bits=6, a_bits=6, consumer_fold=True,
+                             keep_first_last_8bit=False)
+    reparq.save(qmodel, tmp_path)
+    loaded = reparq.load(tmp_path, model=tiny_bert(seed=5))
+    np.testing.assert_array_equal(_bert_model_output(loaded, x).numpy(), _bert_model_output(qmodel, x).numpy())
+
+
+def test_vit_with_input_affines_exports_to_int8_onnx(tmp_path):
+    """The affines export as float Mul/Add in front of the QuantizeLinear; ORT still runs every
+    Linear on integers and reproduces the fake-quant model."""
+    from reparq.deploy import ort_runner
+    from tests.test_onnx_export import EXACT_ATOL, _ort, _tiny_vit, _torch, _vit_images
+
+    qmodel = reparq.quantize(_tiny_vit(), _vit_images(64, 1), recipe="repqvit", consumer_fold=True)
+    assert {n.rsplit(".", 1)[-1] for n, l in quantized_layers(qmodel) if l._modules.get("input_affine")} \
+        == {"proj", "fc2"}
+    path = reparq.export_onnx(qmodel, tmp_path / "vit.onnx", torch.zeros(1, 1, 8, 8))
+    x = _vit_images(48, 2)
+    assert np.abs(_ort(path, x, optimize=False) - _torch(qmodel, x)).max() <= EXACT_ATOL
+    kernels = ort_runner.int8_kernels(ort_runner.optimized_op_counts(path))
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 5
