@@ -29,6 +29,7 @@ VARIANTS = {
     "repquant-log2_probs": ("repquant", {"probs": "log2"}),
     "repquant-no_dualclip": ("repquant", {"clip_iters": 0}),
     "repquant-no_weight_recon": ("repquant", {"iters": 0}),
+    "repquant-consumer_fold": ("repquant", {"consumer_fold": True}),
     "repqvit": ("repqvit", {}),
 }
 KEY = ("model", "method", "w_bits", "a_bits", "iters", "clip_iters")
@@ -96,7 +97,9 @@ def _write(out: Path, command: str, rows: list[dict]) -> None:
              "inputs stay per-tensor, hence no dual clipping either), `uniform_probs` (probs=\"uniform\": a 4/6-bit "
              "uniform grid on the softmax output, range by percentile search), `log2_probs` (probs=\"log2\": one "
              "level per octave instead of two), `no_dualclip` (clip_iters=0: the percentile per-channel bounds are "
-             "folded as they are), `no_weight_recon` (iters=0: no reconstruction after the fold). `repqvit` is "
+             "folded as they are), `no_weight_recon` (iters=0: no reconstruction after the fold), `consumer_fold` "
+             "(consumer_fold=True: also the attention output projection and fc2 inputs per channel, folded at the "
+             "consumer through an input affine; repquant's default turns this on only for post-LN models). `repqvit` is "
              "RepQ-ViT (statistics only, no learning) for reference. Single seed: read differences of a few tenths "
              "of a point as noise. calib s / peak MB: wall time and peak RSS of the calibration on a 2-core machine "
              "shared with other jobs, one thread (noisy).")

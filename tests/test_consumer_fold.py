@@ -152,3 +152,27 @@ def test_vit_with_input_affines_exports_to_int8_onnx(tmp_path):
     assert np.abs(_ort(path, x, optimize=False) - _torch(qmodel, x)).max() <= EXACT_ATOL
     kernels = ort_runner.int8_kernels(ort_runner.optimized_op_counts(path))
     assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 5
+
+
+def test_alpha_search_picks_the_least_output_error():
+    """One input channel 60x wider than the rest. At 4-bit weights full migration (alpha 1) would
+    make its weight column dominate every row's grid, so the search keeps part of the spread on
+    the activations; the chosen grids have the smallest proxy error of all candidates."""
+    from reparq.recipes.reparam import ALPHAS, _folded_output_error, _search_alpha, channel_params
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2048, 12, generator=g)
+    rows[:, 4] *= 60.0
+    errors = {}
+    for w_bits in (4, 8):
+        torch.manual_seed(0)
+        layer = QLinear.from_float(torch.nn.Linear(12, 16), w_bits, 6)
+        scale, zp = channel_params(rows, 6, "minmax")
+        chosen = _search_alpha(rows, [layer], scale, zp, 6)
+        wmax = layer.weight.detach().abs().amax(dim=0)
+        candidates = {a: balanced_channel_params(scale, zp, wmax, 6, a) for a in ALPHAS}
+        errors[w_bits] = {a: _folded_output_error(rows, [layer], *c, 6) for a, c in candidates.items()}
+        best = min(errors[w_bits], key=errors[w_bits].get)
+        torch.testing.assert_close(chosen[0], candidates[best][0])
+        if w_bits == 4:
+            assert best < 1.0 and errors[4][best] < 0.8 * errors[4][1.0]

@@ -142,15 +142,56 @@ def _weight_column_max(layers: list[QuantizedLayer]) -> torch.Tensor:
     return torch.stack([l.weight.detach().abs().amax(dim=0) for l in layers]).amax(dim=0).float().cpu()
 
 
+ALPHAS = (1.0, 0.85, 0.7, 0.5, 0.3)  # migration strengths tried per consumer-side group
+_SEARCH_ROWS = 4096
+
+
+@torch.no_grad()
+def _folded_output_error(rows: torch.Tensor, layers: list[QuantizedLayer], scale: torch.Tensor,
+                         zero_point: torch.Tensor, bits: int) -> float:
+    """Squared output error of the folded consumers with these per-channel input grids: inputs
+    fake-quantized on them, weights ``W * r1`` on a per-output-channel min/max grid (a proxy for
+    the recipe's own weight ranges), against the float product."""
+    qmin, qmax = int_range(bits, symmetric=False)
+    x_hat = (torch.clamp(torch.round(rows / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    r1 = scale / scale.mean()
+    error = 0.0
+    for layer in layers:
+        w = layer.weight.detach().float().cpu()
+        w_bits = layer.weight_quantizer.bits
+        folded = w * r1
+        w_max = (1 << (w_bits - 1)) - 1
+        step = (folded.abs().amax(dim=1, keepdim=True) / w_max).clamp_min(torch.finfo(torch.float32).eps)
+        w_hat = torch.clamp(torch.round(folded / step), -w_max, w_max) * step
+        error += float(((x_hat / r1) @ w_hat.t() - rows @ w.t()).pow(2).mean())
+    return error
+
+
+def _search_alpha(rows: torch.Tensor, layers: list[QuantizedLayer], scale: torch.Tensor, zero_point: torch.Tensor,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balanced grids (:func:`balanced_channel_params`) of the strength in :data:`ALPHAS` that
+    gives the consumers' smallest output error: how much spread the weights can take depends on
+    their bit width and on the layer (at 6-8 bit weights full migration tends to win; at 4 bits
+    the weights need part of it left on the activations)."""
+    sample = rows[torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], _SEARCH_ROWS)).long()].float().cpu()
+    wmax = _weight_column_max(layers)
+    scale, zero_point = scale.float().cpu(), zero_point.float().cpu()
+    candidates = [balanced_channel_params(scale, zero_point, wmax, bits, a) if a != 1.0 else (scale, zero_point)
+                  for a in ALPHAS]
+    errors = [_folded_output_error(sample, layers, s, z, bits) for s, z in candidates]
+    return candidates[errors.index(min(errors))]
+
+
 def calibrate_postnorm(model: nn.Module, pairs: list[NormPair], rows: dict[str, torch.Tensor],
                        method: str = "percentile", learnable: bool = False, lr: float = 1e-3,
-                       consumer_alpha: float = 1.0) -> None:
+                       consumer_alpha: float | None = 1.0) -> None:
     """Make each pair's consumer input quantizers per-channel with ranges from the norm's output.
 
     ``learnable``: install RepQuant's :class:`DualClipQuantizer` (one shared by all consumers of a
     norm, so they learn one set of bounds) instead of a fixed per-channel quantizer.
     ``consumer_alpha``: the migration strength of consumer-side groups
-    (:func:`balanced_channel_params`); norm folds keep RepQ-ViT's full per-channel grids.
+    (:func:`balanced_channel_params`; None: searched per group, :func:`_search_alpha`); norm
+    folds keep RepQ-ViT's full per-channel grids.
     """
     for pair in pairs:
         if pair.key not in rows:
@@ -158,7 +199,10 @@ def calibrate_postnorm(model: nn.Module, pairs: list[NormPair], rows: dict[str, 
         layers = _consumers(model, pair)
         bits = layers[0].input_quantizer.bits
         scale, zp = channel_params(rows[pair.key], bits, method)
-        if not pair.folds_into_norm and consumer_alpha != 1.0:
+        if not pair.folds_into_norm and consumer_alpha is None:
+            device = scale.device
+            scale, zp = (t.to(device) for t in _search_alpha(rows[pair.key], layers, scale, zp, bits))
+        elif not pair.folds_into_norm and consumer_alpha != 1.0:
             scale, zp = balanced_channel_params(scale, zp, _weight_column_max(layers).to(scale.device), bits,
                                                 consumer_alpha)
         lo, hi = (layers[0].input_quantizer.qmin - zp) * scale, (layers[0].input_quantizer.qmax - zp) * scale

@@ -48,7 +48,9 @@ class RepQViTOptions:
     # True: also the Linear inputs that only a consumer-side fold can serve (post-LN norms that
     # feed the residual, the attention output projection, fc2), at one float multiply-add each.
     consumer_fold: bool = False
-    consumer_alpha: float = 0.5  # how much of those inputs' channel spread moves into the weights (1: all)
+    # How much of those inputs' channel spread moves into the weights (1: all, as the norm fold);
+    # None: the strength with the least consumer output error, per group (reparam.ALPHAS).
+    consumer_alpha: float | None = None
     probs: str = "logsqrt2"  # "logsqrt2" | "log2" | "uniform"
     to_log2: bool = True  # convert log-sqrt2 to the deployed log2+parity form at the end
     max_rows: int = 1 << 16  # tokens kept per norm for the per-channel statistics
@@ -58,7 +60,7 @@ class RepQViTOptions:
             raise ReparqError(f"ranges must be one of {', '.join(RANGE_MODES)}, got {self.ranges!r}")
         if self.channel_ranges not in CHANNEL_METHODS:
             raise ReparqError(f"channel_ranges must be one of {', '.join(CHANNEL_METHODS)}, got {self.channel_ranges!r}")
-        if not 0.0 <= self.consumer_alpha <= 1.0:
+        if self.consumer_alpha is not None and not 0.0 <= self.consumer_alpha <= 1.0:
             raise ReparqError(f"consumer_alpha must be within [0, 1], got {self.consumer_alpha}")
         if self.probs not in PROBS_KINDS:
             raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, got {self.probs!r}")
