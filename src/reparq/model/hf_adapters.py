@@ -283,15 +283,21 @@ def count_points(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def inner_inputs(model: nn.Module) -> list[str]:
-    """Full names of the block-inner Linears no norm feeds (attention output projection, fc2)."""
+def _family_blocks(model: nn.Module) -> tuple[str | None, dict[str, nn.Module], list[str]]:
+    """(family, modules by name, block names in order); no family: (None, {}, [])."""
     family = hf_family(model)
     if family is None:
-        return []
-    spec = HF_FAMILIES[family]
+        return None, {}, []
     modules = dict(model.named_modules())
-    blocks = [n for n in modules if re.fullmatch(spec.blocks, n)]
-    return [f"{b}.{rel}" for b in blocks for rel in spec.inner_inputs if f"{b}.{rel}" in modules]
+    return family, modules, [n for n in modules if re.fullmatch(HF_FAMILIES[family].blocks, n)]
+
+
+def inner_inputs(model: nn.Module) -> list[str]:
+    """Full names of the block-inner Linears no norm feeds (attention output projection, fc2)."""
+    family, modules, blocks = _family_blocks(model)
+    if family is None:
+        return []
+    return [f"{b}.{rel}" for b in blocks for rel in HF_FAMILIES[family].inner_inputs if f"{b}.{rel}" in modules]
 
 
 def norm_consumers(model: nn.Module) -> list[tuple[str, list[str], bool]]:
@@ -300,12 +306,10 @@ def norm_consumers(model: nn.Module) -> list[tuple[str, list[str], bool]]:
     ``exclusive`` False: the norm output is also the residual stream (BERT), so a per-channel
     scale cannot be folded into the norm itself, only into its consumers.
     """
-    family = hf_family(model)
+    family, modules, blocks = _family_blocks(model)
     if family is None:
         return []
     spec = HF_FAMILIES[family]
-    modules = dict(model.named_modules())
-    blocks = [n for n in modules if re.fullmatch(spec.blocks, n)]
     out = []
     prev_norm = next((n for n in modules if n.endswith("embeddings.LayerNorm")), None)
     for block in blocks:
