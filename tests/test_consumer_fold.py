@@ -176,3 +176,26 @@ def test_alpha_search_picks_the_least_output_error():
         torch.testing.assert_close(chosen[0], candidates[best][0])
         if w_bits == 4:
             assert best < 1.0 and errors[4][best] < 0.8 * errors[4][1.0]
+
+
+def test_repquant_auto_defaults_follow_the_norm_placement():
+    """repquant's automatic choices: the consumer-side fold and the MSE ranges on post-LN BERT
+    only; on pre-norm models (timm ViT, LLaMA) RepQ-ViT's norm fold and percentile search."""
+    from reparq.recipes.reparam import is_post_ln, reparam_groups
+    from reparq.recipes.repquant import RepQuantOptions
+    from reparq.recipes.repqvit import uses_percentile_ranges
+    from tests.test_onnx_export import _tiny_vit
+
+    options = RepQuantOptions()
+    bert, vit, llama = tiny_bert(), _tiny_vit(), tiny_llama()
+    assert is_post_ln(bert) and not is_post_ln(vit) and not is_post_ln(llama)
+    assert not uses_percentile_ranges(bert, options) and uses_percentile_ranges(vit, options)
+    assert uses_percentile_ranges(bert, RepQViTOptions())  # the baseline keeps RepQ-ViT's search
+    from reparq.recipes.insert import insert_quantizers
+
+    for model in (bert, vit, llama):
+        insert_quantizers(model, QuantConfig(w_bits=6, a_bits=6, keep_first_last_8bit=False))
+    side = lambda m, fold: [p for p in reparam_groups(m, consumer_fold=fold) if not p.folds_into_norm]  # noqa: E731
+    assert len(side(bert, options.consumer_fold)) == 4 * LAYERS
+    assert side(vit, options.consumer_fold) == [] and side(llama, options.consumer_fold) == []
+    assert len(side(vit, True)) == 2  # forced on: attn.proj and fc2 of the one block

@@ -65,11 +65,15 @@ def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | N
     ``consumer_fold=None`` ("auto"): only on post-LN models (BERT), whose norms all feed the
     residual, so that without it nothing there would be calibrated per channel."""
     pairs = find_postnorm_pairs(model) if norms else []
-    if consumer_fold is not False:
-        side = find_consumer_side_groups(model)
-        if consumer_fold or any(g.norm for g in side):
-            pairs += side
+    if consumer_fold or (consumer_fold is None and is_post_ln(model)):
+        pairs += find_consumer_side_groups(model)
     return quantizable_pairs(model, pairs)
+
+
+def is_post_ln(model: nn.Module) -> bool:
+    """Whether some norm feeding Linears also feeds the residual (post-LN BERT), so that RepQ-ViT's
+    norm fold cannot apply to it."""
+    return any(g.norm for g in find_consumer_side_groups(model))
 
 
 @torch.no_grad()
@@ -281,4 +285,5 @@ def percentile_activation_params(observer, quantizer: UniformQuantizer):
 
 
 __all__ = ["balanced_channel_params", "calibrate_postnorm", "channel_params", "fold_postnorm_pairs", "init_weight_ranges_for",
-           "observe_norm_outputs", "percentile_activation_params", "quantizable_pairs", "reparam_groups"]
+           "is_post_ln", "observe_norm_outputs", "percentile_activation_params", "quantizable_pairs",
+           "reparam_groups"]

@@ -2,7 +2,8 @@
 the reparameterization (DESIGN.md 2.4).
 
 1. Quantizers and statistics-based ranges as in ``repqvit`` (percentile search, log-sqrt2
-   probabilities), except that each post-norm consumer input gets a
+   probabilities; on post-LN models the config's MSE estimators and the consumer-side fold of
+   every block-inner Linear input, see ``consumer_fold``), except that each post-norm consumer input gets a
    :class:`~reparq.quant.dual_clip.DualClipQuantizer`: per-channel lower and upper bounds,
    initialized from the per-channel percentile search.
 2. Dual clipping: the bounds are trained block by block with the block reconstruction loss
@@ -43,6 +44,7 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
     clip_iters: int = 100  # dual-clipping steps per block (0: keep the percentile bounds)
     clip_lr: float = 1e-3  # in units of each channel's initial range per step (Adam)
     consumer_fold: bool | None = None  # None: on for post-LN models (BERT) only; see RepQViTOptions
+    ranges: str = "auto"  # MSE estimators on post-LN models, RepQ-ViT's percentile search elsewhere
 
 
 @register_recipe("repquant", "RepQuant: learnable per-channel dual clipping of post-norm inputs (block loss), "
@@ -68,7 +70,7 @@ def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, repo
     if options.to_log2:
         convert_logsqrt2_to_log2(model)
     model.reparq_recon_stats = stats
-    model.reparq_postnorm_pairs = [p.norm for p in pairs]
+    model.reparq_postnorm_pairs = [p.key for p in pairs]  # norm names, or the consumer for groups without one
     return model
 
 

@@ -35,14 +35,16 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.registry import register_recipe
 from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm, fold_postnorm_pairs, init_weight_ranges_for,
-                                    observe_norm_outputs, percentile_activation_params, reparam_groups)
+                                    is_post_ln, observe_norm_outputs, percentile_activation_params, reparam_groups)
 
-RANGE_MODES = ("percentile", "config")
+RANGE_MODES = ("percentile", "config", "auto")
 
 
 @dataclass
 class RepQViTOptions:
-    ranges: str = "percentile"  # "percentile": RepQ-ViT's search; "config": QuantConfig's estimators
+    # "percentile": RepQ-ViT's search; "config": QuantConfig's estimators; "auto": config on post-LN
+    # models (BERT: there percentile clipping is the worst start), percentile elsewhere.
+    ranges: str = "percentile"
     channel_ranges: str = "percentile"  # per-channel post-norm ranges: "percentile" | "minmax"
     reparam: bool = True  # False: leave the post-norm inputs per tensor (ablation)
     # True: also the Linear inputs that only a consumer-side fold can serve (post-LN norms that
@@ -75,7 +77,7 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
     prepare_for_deployment(model)
     insert_quantizers(model, config, bits=bits)
     adapt_attention(model, config.a_bits, probs=options.probs, ignore=config.ignore)
-    percentile = options.ranges == "percentile"
+    percentile = uses_percentile_ranges(model, options)
     init_weight_ranges_for(model, config, percentile=percentile)
     init_activation_ranges(model, batches, config, seed=seed, reporter=reporter,
                            params_fn=percentile_activation_params if percentile else None, observer_index=observer_index)
@@ -91,7 +93,12 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
 
 def fold_and_reinit(model: nn.Module, pairs, config: QuantConfig, options) -> None:
     changed = fold_postnorm_pairs(model, pairs)
-    init_weight_ranges_for(model, config, changed, percentile=options.ranges == "percentile")
+    init_weight_ranges_for(model, config, changed, percentile=uses_percentile_ranges(model, options))
+
+
+def uses_percentile_ranges(model: nn.Module, options) -> bool:
+    """Whether ``options.ranges`` means RepQ-ViT's percentile search on this model."""
+    return options.ranges == "percentile" or (options.ranges == "auto" and not is_post_ln(model))
 
 
 @register_recipe("repqvit", "RepQ-ViT: per-channel post-norm ranges folded into layer-wise ones, log-sqrt2 "
@@ -104,8 +111,8 @@ def repqvit(model: nn.Module, batches, config: QuantConfig, seed: int = 0, repor
     fold_and_reinit(model, pairs, config, options)
     if options.to_log2:
         convert_logsqrt2_to_log2(model)
-    model.reparq_postnorm_pairs = [p.norm for p in pairs]
+    model.reparq_postnorm_pairs = [p.key for p in pairs]  # norm names, or the consumer for groups without one
     return model
 
 
-__all__ = ["RepQViTOptions", "fold_and_reinit", "prepare_transformer"]
+__all__ = ["RepQViTOptions", "fold_and_reinit", "prepare_transformer", "uses_percentile_ranges"]
