@@ -99,7 +99,8 @@ def _write(out: Path, command: str, rows: list[dict]) -> None:
              "level per octave instead of two), `no_dualclip` (clip_iters=0: the percentile per-channel bounds are "
              "folded as they are), `no_weight_recon` (iters=0: no reconstruction after the fold), `consumer_fold` "
              "(consumer_fold=True: also the attention output projection and fc2 inputs per channel, folded at the "
-             "consumer through an input affine; repquant's default turns this on only for post-LN models). `repqvit` is "
+             "consumer through an input affine; repquant's default turns this on only for post-LN models). "
+             "`repqvit` is "
              "RepQ-ViT (statistics only, no learning) for reference. Single seed: read differences of a few tenths "
              "of a point as noise. calib s / peak MB: wall time and peak RSS of the calibration on a 2-core machine "
              "shared with other jobs, one thread (noisy).")

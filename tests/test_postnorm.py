@@ -162,8 +162,8 @@ def test_model_level_fold_is_exact(build, trained, consumer_fold):
     x = torch.randn(48, 1, 16, 16, dtype=torch.float64)
     batches = list(x.split(16))
     cfg = QuantConfig(w_bits=4, a_bits=4, keep_first_last_8bit=False)
-    pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(consumer_fold=consumer_fold, consumer_alpha=0.5), seed=0,
-                                reporter=SILENT)
+    options = RepQViTOptions(consumer_fold=consumer_fold, consumer_alpha=0.5)
+    pairs = prepare_transformer(model, batches, cfg, options, seed=0, reporter=SILENT)
     blocks = len([m for m in model.modules() if type(m).__name__ in ("Block", "SwinTransformerBlock")])
     assert len(pairs) == len(find_postnorm_pairs(model)) + (2 * blocks if consumer_fold else 0) > 0
     consumers = [model.get_submodule(c) for p in pairs for c in p.consumers]

@@ -246,7 +246,8 @@ def _fold_factors(consumers: list[nn.Linear], scale: torch.Tensor, zero_point: t
         raise ReparqError("post-norm fold needs at least one consumer layer")
     for layer in consumers:
         if layer.in_features != scale.numel():
-            raise ReparqError(f"consumer takes {layer.in_features} inputs but the quantizer has {scale.numel()} channels")
+            raise ReparqError(f"consumer takes {layer.in_features} inputs but the quantizer has "
+                              f"{scale.numel()} channels")
     s_t, z_t = layerwise_params(scale, zero_point, bits)
     r1 = scale / s_t.double()
     return s_t, z_t, r1, scale * (zero_point - z_t.double())  # shift in the input's units, before the division

@@ -44,7 +44,6 @@ class QuantizedLayer:
         self.weight_quantizer.enabled = weights
         self.input_quantizer.enabled = inputs
 
-
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         # A consumer-side fold's per-channel multiply-add (postnorm.fold_at_consumers), if any.
         affine = self._modules.get("input_affine")
@@ -70,7 +69,8 @@ class QuantizedLayer:
 
 class QConv2d(QuantizedLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._output(self._conv_forward(self.input_quantizer(self._input(x)), self.quantized_weight(), self.bias))
+        x = self.input_quantizer(self._input(x))
+        return self._output(self._conv_forward(x, self.quantized_weight(), self.bias))
 
 
 class QLinear(QuantizedLayer, nn.Linear):
@@ -97,7 +97,8 @@ class InputAffine(nn.Module):
 def attach_input_affine(layer: "QuantizedLayer", mul: torch.Tensor, add: torch.Tensor) -> InputAffine:
     """Give ``layer`` an input affine, composed with one it already has (so a second fold stays exact)."""
     if not isinstance(layer, nn.Linear):
-        raise TypeError(f"an input affine needs a Linear consumer (channels on the last axis), got {type(layer).__name__}")
+        raise TypeError("an input affine needs a Linear consumer (channels on the last axis), "
+                        f"got {type(layer).__name__}")
     old = layer._modules.get("input_affine")
     if old is not None:  # (x * m0 + a0) * m + a
         mul, add = old.mul * mul, old.add * mul + add

@@ -284,6 +284,6 @@ def percentile_activation_params(observer, quantizer: UniformQuantizer):
     return percentile_search_params(data, quantizer.bits, quantizer.symmetric)
 
 
-__all__ = ["balanced_channel_params", "calibrate_postnorm", "channel_params", "fold_postnorm_pairs", "init_weight_ranges_for",
-           "is_post_ln", "observe_norm_outputs", "percentile_activation_params", "quantizable_pairs",
-           "reparam_groups"]
+__all__ = ["balanced_channel_params", "calibrate_postnorm", "channel_params", "fold_postnorm_pairs",
+           "init_weight_ranges_for", "is_post_ln", "observe_norm_outputs", "percentile_activation_params",
+           "quantizable_pairs", "reparam_groups"]
