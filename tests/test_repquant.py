@@ -70,7 +70,7 @@ def test_post_norm_reparameterization_is_what_helps(vit_setup):
 
 def test_repquant_learns_clipping_then_weights_and_deploys_layerwise(vit_setup):
     model, calib, test_x, _ = vit_setup
-    q = reparq.quantize(model, calib, recipe="repquant", w_bits=4, a_bits=4, **FAST)
+    q = reparq.quantize(model, calib, recipe="repquant", w_bits=4, a_bits=4, probs="logsqrt2", **FAST)
     stats = q.reparq_recon_stats
     clip = [s for s in stats if s["unit"].endswith(":clip") and s["history"]]
     weights = [s for s in stats if not s["unit"].endswith(":clip") and s["history"]]

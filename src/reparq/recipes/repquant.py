@@ -16,7 +16,9 @@ the reparameterization (DESIGN.md 2.4).
 4. Quantized weight reconstruction: block-wise AdaRound rounding with LSQ step sizes for the
    per-tensor activations and the q/k/v matmul inputs (``iters`` steps per block, the
    ReconConfig options), with everything quantized in place.
-5. log-sqrt2 -> log2 with parity for the probabilities.
+5. log-sqrt2 -> log2 with parity for the probabilities (``probs="auto"``: only in the attention
+   modules where the log-sqrt2 grid fit the calibration probabilities better than a uniform one,
+   :mod:`reparq.recipes.probs_choice`).
 
 Defaults are sized for CPU: a zoo transformer (about 0.2 M parameters, 1024 calibration images)
 finishes within the 5-minute budget on 2 cores.
@@ -45,6 +47,7 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
     clip_lr: float = 1e-3  # in units of each channel's initial range per step (Adam)
     consumer_fold: bool | None = None  # None: on for post-LN models (BERT) only; see RepQViTOptions
     ranges: str = "auto"  # MSE estimators on post-LN models, RepQ-ViT's percentile search elsewhere
+    probs: str = "auto"  # per attention module, log-sqrt2 or uniform, whichever fits its probabilities better
 
 
 @register_recipe("repquant", "RepQuant: learnable per-channel dual clipping of post-norm inputs (block loss), "

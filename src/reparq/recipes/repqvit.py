@@ -33,6 +33,7 @@ from reparq.recipes import baselines, block_recon, repapq  # noqa: F401  (listed
 from reparq.recipes.calibrate import init_activation_ranges
 from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
+from reparq.recipes.probs_choice import choose_probability_grids
 from reparq.recipes.registry import register_recipe
 from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm, fold_postnorm_pairs, init_weight_ranges_for,
                                     is_post_ln, observe_norm_outputs, percentile_activation_params, reparam_groups)
@@ -53,7 +54,7 @@ class RepQViTOptions:
     # How much of those inputs' channel spread moves into the weights (1: all, as the norm fold);
     # None: the strength with the least consumer output error, per group (reparam.ALPHAS).
     consumer_alpha: float | None = None
-    probs: str = "logsqrt2"  # "logsqrt2" | "log2" | "uniform"
+    probs: str = "logsqrt2"  # "logsqrt2" | "log2" | "uniform" | "auto" (per module, see probs_choice)
     to_log2: bool = True  # convert log-sqrt2 to the deployed log2+parity form at the end
     max_rows: int = 1 << 16  # tokens kept per norm for the per-channel statistics
 
@@ -64,8 +65,8 @@ class RepQViTOptions:
             raise ReparqError(f"channel_ranges must be one of {', '.join(CHANNEL_METHODS)}, got {self.channel_ranges!r}")
         if self.consumer_alpha is not None and not 0.0 <= self.consumer_alpha <= 1.0:
             raise ReparqError(f"consumer_alpha must be within [0, 1], got {self.consumer_alpha}")
-        if self.probs not in PROBS_KINDS:
-            raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, got {self.probs!r}")
+        if self.probs not in PROBS_KINDS + ("auto",):
+            raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, auto; got {self.probs!r}")
 
 
 def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options, seed: int, reporter: Reporter,
@@ -76,11 +77,14 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
     passes the whole model's ``bits`` and ``observer_index``, see :mod:`reparq.stream`)."""
     prepare_for_deployment(model)
     insert_quantizers(model, config, bits=bits)
-    adapt_attention(model, config.a_bits, probs=options.probs, ignore=config.ignore)
+    adapt_attention(model, config.a_bits, probs="logsqrt2" if options.probs == "auto" else options.probs,
+                    ignore=config.ignore)
     percentile = uses_percentile_ranges(model, options)
     init_weight_ranges_for(model, config, percentile=percentile)
     init_activation_ranges(model, batches, config, seed=seed, reporter=reporter,
                            params_fn=percentile_activation_params if percentile else None, observer_index=observer_index)
+    if options.probs == "auto":
+        choose_probability_grids(model, batches, seed=seed)
     pairs = reparam_groups(model, norms=options.reparam, consumer_fold=options.consumer_fold)
     if pairs:
         reporter.stage("post-norm statistics", total=1)

@@ -91,7 +91,8 @@ class Plan:
 def _plan(skeleton: nn.Module, config, options) -> Plan:
     q = copy.deepcopy(skeleton)
     bits = insert_quantizers(q, config)
-    adapt_attention(q, config.a_bits, probs=options.probs, ignore=config.ignore)
+    adapt_attention(q, config.a_bits, probs="logsqrt2" if options.probs == "auto" else options.probs,
+                    ignore=config.ignore)
     units = discover_units(q)  # decoder layers, then lm_head: execution order
     pairs = reparam_groups(q, norms=options.reparam, consumer_fold=getattr(options, "consumer_fold", False))
     return Plan(bits, {n: i for i, (n, _) in enumerate(activation_quantizers(q))},
