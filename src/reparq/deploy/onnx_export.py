@@ -163,15 +163,14 @@ class _ExportLayer(nn.Module):
         aq, wq = layer.input_quantizer, layer.weight_quantizer
         quantized_input = aq.enabled and not aq.is_float
         self.act = ExportQDQ(aq, f"{name}.input_quantizer", as_qdq=not in_float) if quantized_input else None
-        with torch.no_grad():
-            bias = layer.input_bias(layer.quantized_weight())  # an input affine's offset, taken off with W_q
-        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
         affine = layer._modules.get("input_affine")  # float Mul + Add in front of the QuantizeLinear
         self.register_buffer("in_mul", None if affine is None else affine.mul.detach().clone())
         self.register_buffer("in_add", None if affine is None else affine.add.detach().clone())
         self.weight_axis = weight_axis
         with torch.no_grad():
             weight = layer.quantized_weight().detach()
+            bias = layer.input_bias(weight)  # an input affine's offset, taken off with W_q
+            self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
             self.int_weight = wq.enabled and not wq.is_float and not in_float
             if self.int_weight:
                 if not wq.initialized:
