@@ -30,6 +30,7 @@ from reparq.progress import SILENT, Reporter
 from reparq.quant.adaround import AdaRound, beta_schedule
 from reparq.recipes.cache import TensorCache
 from reparq.recipes.calibrate import forward_batch
+from reparq.recipes.gptq_unit import gptq_unit
 
 
 @dataclass
@@ -46,6 +47,11 @@ class ReconConfig:
     lr_affine: float = 1e-3  # QPRep's per-channel gain and shift, when a layer carries them
     reg_weight: float = 0.01
     warmup: float = 0.2
+    # GPTQ (reparq.quant.gptq): round each unit's Linear weights on their quantized inputs before the
+    # unit learns; AdaRound then only handles the layers GPTQ does not (convolutions).
+    gptq: bool = False
+    gptq_damp: float = 0.01  # fraction of the Hessian's mean diagonal added to it
+    gptq_float_target: bool = False  # match the float model's layer outputs, not W on the quantized inputs
     cache_threshold_mb: float = 512.0
     cache_dir: str | None = None
 
@@ -161,8 +167,10 @@ def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, b
 class UnitTrainer:
     """Learns one unit's rounding and activation scales; ``extra_loss`` lets recipes add terms (ABC)."""
 
-    def __init__(self, model: nn.Module, unit: Unit, cfg: ReconConfig, seed: int) -> None:
+    def __init__(self, model: nn.Module, unit: Unit, cfg: ReconConfig, seed: int,
+                 fixed_weights: frozenset[str] = frozenset()) -> None:
         self.model, self.unit, self.cfg = model, unit, cfg
+        self.fixed_weights = fixed_weights  # layers whose weights are already on the grid (GPTQ)
         self.module = model.get_submodule(unit.name)
         self.layers = unit_layers(model, unit)
         self.gen = torch.Generator().manual_seed(seed)
@@ -174,9 +182,9 @@ class UnitTrainer:
             p.requires_grad_(False)
         groups = []
         if self.cfg.round_weights:
-            for layer in self.layers:
+            for name, layer in zip(self.unit.layers, self.layers):
                 wq = layer.weight_quantizer
-                if not wq.is_float:
+                if not wq.is_float and name not in self.fixed_weights:
                     r = AdaRound(wq, layer.weight)
                     layer.__dict__["_rounding"] = r
                     self.roundings.append(r)
@@ -354,7 +362,13 @@ def reconstruct_unit(model: nn.Module, unit: Unit, fp_in_b: list[torch.Tensor], 
     fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
     _set_units_quant(model, [unit], True)
     extra = make_extra(fp_out) if make_extra is not None else None
-    trainer = UnitTrainer(model, unit, cfg, seed=unit_seed)
+    fixed: set[str] = set()
+    if cfg.gptq:
+        fixed = gptq_unit(module, dict(zip(unit.layers, unit_layers(model, unit))), q_in, args, kwargs,
+                          cfg.recon_batch_size * 8, damp=cfg.gptq_damp,
+                          fp_in=fp_in if cfg.gptq_float_target else None,
+                          quant_switch=lambda on: _set_units_quant(model, [unit], on))
+    trainer = UnitTrainer(model, unit, cfg, seed=unit_seed, fixed_weights=frozenset(fixed))
     stat = trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra)
     q_out_b = run_unit(module, q_in, args, kwargs, cfg.recon_batch_size * 8)
     for cache in (fp_in, q_in, fp_out):
