@@ -199,3 +199,27 @@ def test_repquant_auto_defaults_follow_the_norm_placement():
     assert len(side(bert, options.consumer_fold)) == 4 * LAYERS
     assert side(vit, options.consumer_fold) == [] and side(llama, options.consumer_fold) == []
     assert len(side(vit, True)) == 2  # forced on: attn.proj and fc2 of the one block
+
+
+def test_repquant_on_post_ln_rounds_by_gptq_and_skips_dual_clipping():
+    """The other two post-LN choices (measured on MiniLM, see repquant.gptq_for / clip_iters_for):
+    GPTQ weights and no learned clipping on BERT; AdaRound and dual clipping on pre-norm models."""
+    from reparq.recipes.repquant import CLIP_ITERS, RepQuantOptions, clip_iters_for, gptq_for
+    from tests.test_onnx_export import _tiny_vit
+
+    options, bert, vit, llama = RepQuantOptions(), tiny_bert(), _tiny_vit(), tiny_llama()
+    assert gptq_for(bert, options) and not gptq_for(vit, options) and not gptq_for(llama, options)
+    assert clip_iters_for(bert, options) == 0 and clip_iters_for(vit, options) == CLIP_ITERS == clip_iters_for(llama, options)
+    assert not gptq_for(bert, RepQuantOptions(gptq=False)) and clip_iters_for(bert, RepQuantOptions(clip_iters=7)) == 7
+    calib = [token_batch(4, 16, seed=s, pad=False) for s in range(2)]
+    q = reparq.quantize(bert, calib, recipe="repquant", w_bits=4, a_bits=8, seed=0, iters=3,
+                        keep_first_last_8bit=False)
+    phases = [s["unit"] for s in q.reparq_recon_stats]
+    assert phases and not any(u.endswith(":clip") for u in phases)  # no dual-clipping phase ran
+    # GPTQ moved weights off plain nearest rounding of the folded weight, and left them on the grid.
+    layer = q.get_submodule("encoder.layer.0.intermediate.dense")
+    ints = layer.weight / layer.weight_quantizer.shaped_params(layer.weight)[0]
+    assert torch.allclose(ints, ints.round(), atol=1e-4)
+    plain = reparq.quantize(bert, calib, recipe="repquant", w_bits=4, a_bits=8, seed=0, iters=3, gptq=False,
+                            keep_first_last_8bit=False)
+    assert not torch.equal(plain.get_submodule("encoder.layer.0.intermediate.dense").weight, layer.weight)

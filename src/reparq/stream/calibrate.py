@@ -50,6 +50,7 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
+from reparq.recipes.repquant import CLIP_ITERS
 from reparq.stream.checkpoint import LazyCheckpoint
 from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
 from reparq.stream.state import StreamState, fingerprint
@@ -166,11 +167,14 @@ def _phases(recipe: str, options, plan: Plan) -> list[tuple[str, object, int]]:
     if recipe != "repquant":
         return []
     phases = []
-    if plan.any_pairs and options.clip_iters > 0:
-        phases.append(("clip", recon_config(options, iters=options.clip_iters, round_weights=False,
+    # Streamed models are decoders (pre-norm), where "auto" dual clipping means CLIP_ITERS.
+    clip_iters = CLIP_ITERS if options.clip_iters is None else options.clip_iters
+    if plan.any_pairs and clip_iters > 0:
+        phases.append(("clip", recon_config(options, iters=clip_iters, round_weights=False,
                                             learn_act_scale=False, drop_prob=0.0), 0))
-    if options.iters > 0:
-        phases.append(("weights", recon_config(options), 1))
+    gptq = bool(options.gptq)  # "auto" (None) means AdaRound on a pre-norm decoder
+    if options.iters > 0 or gptq:
+        phases.append(("weights", recon_config(options, gptq=gptq), 1))
     return phases
 
 
