@@ -16,7 +16,7 @@ from pathlib import Path
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
-from reparq.recipes.repquant import RepQuantOptions
+from reparq.recipes.repquant import CLIP_ITERS, RepQuantOptions
 from reparq.report.results import write_results
 from reparq.zoo import load_model
 
@@ -30,6 +30,7 @@ VARIANTS = {
     "repquant-no_dualclip": ("repquant", {"clip_iters": 0}),
     "repquant-no_weight_recon": ("repquant", {"iters": 0}),
     "repquant-consumer_fold": ("repquant", {"consumer_fold": True}),
+    "repquant-gptq": ("repquant", {"gptq": True}),
     "repqvit": ("repqvit", {}),
 }
 KEY = ("model", "method", "w_bits", "a_bits", "iters", "clip_iters")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="*", default=["W4A4", "W6A6"])
     parser.add_argument("--iters", type=int, default=RepQuantOptions.iters,
                         help="quantized weight reconstruction steps per block (repquant's default)")
-    parser.add_argument("--clip-iters", type=int, default=RepQuantOptions.clip_iters,
+    parser.add_argument("--clip-iters", type=int, default=CLIP_ITERS,
                         help="dual-clipping steps per block (repquant's default)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -99,7 +100,9 @@ def _write(out: Path, command: str, rows: list[dict]) -> None:
              "level per octave instead of two), `no_dualclip` (clip_iters=0: the percentile per-channel bounds are "
              "folded as they are), `no_weight_recon` (iters=0: no reconstruction after the fold), `consumer_fold` "
              "(consumer_fold=True: also the attention output projection and fc2 inputs per channel, folded at the "
-             "consumer through an input affine; repquant's default turns this on only for post-LN models). "
+             "consumer through an input affine; repquant's default turns this on only for post-LN models), `gptq` "
+             "(gptq=True: the weights rounded by GPTQ on each layer's quantized inputs instead of AdaRound, the "
+             "steps then learn only the activation step sizes; repquant's default on post-LN models). "
              "`repqvit` is "
              "RepQ-ViT (statistics only, no learning) for reference. Single seed: read differences of a few tenths "
              "of a point as noise. calib s / peak MB: wall time and peak RSS of the calibration on a 2-core machine "
