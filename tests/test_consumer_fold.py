@@ -208,9 +208,10 @@ def test_repquant_on_post_ln_rounds_by_gptq_and_skips_dual_clipping():
     from tests.test_onnx_export import _tiny_vit
 
     options, bert, vit, llama = RepQuantOptions(), tiny_bert(), _tiny_vit(), tiny_llama()
-    assert gptq_for(bert, options) and not gptq_for(vit, options) and not gptq_for(llama, options)
+    assert gptq_for(bert, options, 8) and not gptq_for(vit, options, 8) and not gptq_for(llama, options, 8)
+    assert not gptq_for(bert, options, 4)  # 4-bit activations: AdaRound's block loss sees them
     assert clip_iters_for(bert, options) == 0 and clip_iters_for(vit, options) == CLIP_ITERS == clip_iters_for(llama, options)
-    assert not gptq_for(bert, RepQuantOptions(gptq=False)) and clip_iters_for(bert, RepQuantOptions(clip_iters=7)) == 7
+    assert not gptq_for(bert, RepQuantOptions(gptq=False), 8) and clip_iters_for(bert, RepQuantOptions(clip_iters=7)) == 7
     calib = [token_batch(4, 16, seed=s, pad=False) for s in range(2)]
     q = reparq.quantize(bert, calib, recipe="repquant", w_bits=4, a_bits=8, seed=0, iters=3,
                         keep_first_last_8bit=False)
