@@ -39,7 +39,9 @@ RECIPE_ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdro
 COSINE_TARGET = {"W8A8": 0.995, "W6A6": 0.99, "W4A8": 0.98}
 PPL_TARGET_PCT = {"W8A8": 1.0, "W6A6": 3.0, "W4A8": 5.0}
 MINILM_SEQ_LEN = 64  # calibration window (tokens)
-EXTRA = ("metric", "value", "delta_pct", "target", "ok", "recon_batch_size")  # value: quant at full precision for the table
+EXTRA = ("metric", "value", "delta_pct", "target", "ok", "calib_size", "recon_batch_size")
+# Rows written before calib_size was recorded were calibrated with these (the then defaults).
+OLD_CALIB_SIZE = {"minilm": 128, "llama_fm": 64}  # value: quant at full precision for the table
 
 
 class MiniLMTask:
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="*", default=["minmax", "mse"])
     parser.add_argument("--bits", nargs="*", default=None, help="default: every width measured for the model")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--minilm-calib", type=int, default=128, help="MiniLM calibration sentences")
+    parser.add_argument("--minilm-calib", type=int, default=1024,
+                        help="MiniLM calibration sentences (128, packed into only 50 windows of 3.2k tokens, were too "
+                             "few for GPTQ's Hessians and AdaRound alike)")
     parser.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences")
     parser.add_argument("--llama-calib", type=int, default=64, help="LLaMA calibration windows")
     parser.add_argument("--llama-eval", type=int, default=None, help="held-out windows (default: all)")
@@ -186,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         task = MiniLMTask(args.minilm_calib, args.minilm_eval) if model_name == "minilm" else \
             LlamaTask(args.llama_calib, args.llama_eval)
         fp = task.fp_values()
-        stale = [r for r in rows if r["model"] == model_name and fp.get(r["metric"], r["fp"]) != r["fp"]]
-        if stale:  # measured on another checkpoint or evaluation set
+        stale = [r for r in rows if r["model"] == model_name and (
+            fp.get(r["metric"], r["fp"]) != r["fp"]
+            or r.get("calib_size", OLD_CALIB_SIZE[model_name]) != task.calib_size)]
+        if stale:  # measured on another checkpoint, evaluation set or calibration set
             print(f"{model_name}: dropping {len(stale)} stale rows", flush=True)
             rows[:] = [r for r in rows if r not in stale]
         done = {_key(r) for r in rows}
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     for row in task.measure(qmodel, str(bits)):
                         row = {"model": model_name, "method": recipe, "w_bits": bits.w, "a_bits": bits.a, **row,
                                "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": seed,
-                               **extra}
+                               "calib_size": task.calib_size, **extra}
                         rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
                         print(row, flush=True)
                     save()
