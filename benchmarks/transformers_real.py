@@ -39,9 +39,10 @@ RECIPE_ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdro
 COSINE_TARGET = {"W8A8": 0.995, "W6A6": 0.99, "W4A8": 0.98}
 PPL_TARGET_PCT = {"W8A8": 1.0, "W6A6": 3.0, "W4A8": 5.0}
 MINILM_SEQ_LEN = 64  # calibration window (tokens)
+# value: quant at full precision for the table
 EXTRA = ("metric", "value", "delta_pct", "target", "ok", "calib_size", "recon_batch_size")
 # Rows written before calib_size was recorded were calibrated with these (the then defaults).
-OLD_CALIB_SIZE = {"minilm": 128, "llama_fm": 64}  # value: quant at full precision for the table
+OLD_CALIB_SIZE = {"minilm": 128, "llama_fm": 64}
 
 
 class MiniLMTask:

@@ -15,10 +15,7 @@ import torch.nn as nn
 from reparq.nn.qmodules import QuantizedLayer
 from reparq.quant.gptq import HessianAccumulator, gptq_round
 from reparq.recipes.cache import TensorCache
-
-
-class _Stop(Exception):
-    pass
+from reparq.recipes.reconstruct import _StopForward, module_device
 
 
 def gptq_layers(layers: dict[str, QuantizedLayer]) -> dict[str, QuantizedLayer]:
@@ -54,18 +51,18 @@ def _effective_input(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
 def _layer_rows(module: nn.Module, layer: QuantizedLayer, cache: TensorCache, args: tuple, kwargs: dict,
                 batch_size: int, each) -> None:
     """Run ``module`` on every cached batch up to ``layer``; ``each`` gets the layer's effective input."""
-    dev = next(module.parameters()).device
+    dev = module_device(module)
 
     def hook(mod, inputs):
         each(_effective_input(mod, inputs[0]))
-        raise _Stop  # nothing after this layer is needed
+        raise _StopForward  # nothing after this layer is needed
 
     handle = layer.register_forward_pre_hook(hook)
     try:
         for x in cache.batches(batch_size):
             try:
                 module(x.to(dev), *args, **kwargs)
-            except _Stop:
+            except _StopForward:
                 pass
     finally:
         handle.remove()
@@ -100,7 +97,7 @@ def gptq_unit(module: nn.Module, layers: dict[str, QuantizedLayer], q_in: Tensor
     todo = gptq_layers(layers)
     if not todo or len(q_in) == 0:
         return set()
-    dev = next(module.parameters()).device
+    dev = module_device(module)
     first = next(iter(q_in.batches(batch_size)))
     order = execution_order(module, todo, first.to(dev), args, kwargs)
     float_rows = None

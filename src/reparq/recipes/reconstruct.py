@@ -30,7 +30,6 @@ from reparq.progress import SILENT, Reporter
 from reparq.quant.adaround import AdaRound, beta_schedule
 from reparq.recipes.cache import TensorCache
 from reparq.recipes.calibrate import forward_batch
-from reparq.recipes.gptq_unit import gptq_unit
 
 
 @dataclass
@@ -364,6 +363,8 @@ def reconstruct_unit(model: nn.Module, unit: Unit, fp_in_b: list[torch.Tensor], 
     extra = make_extra(fp_out) if make_extra is not None else None
     fixed: set[str] = set()
     if cfg.gptq:
+        from reparq.recipes.gptq_unit import gptq_unit  # it builds on this module (caches, early exit)
+
         fixed = gptq_unit(module, dict(zip(unit.layers, unit_layers(model, unit))), q_in, args, kwargs,
                           cfg.recon_batch_size * 8, damp=cfg.gptq_damp,
                           fp_in=fp_in if cfg.gptq_float_target else None,
