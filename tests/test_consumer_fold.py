@@ -202,16 +202,19 @@ def test_repquant_auto_defaults_follow_the_norm_placement():
 
 
 def test_repquant_on_post_ln_rounds_by_gptq_and_skips_dual_clipping():
-    """The other two post-LN choices (measured on MiniLM, see repquant.gptq_for / clip_iters_for):
-    GPTQ weights and no learned clipping on BERT; AdaRound and dual clipping on pre-norm models."""
+    """The other two post-LN choices (measured on MiniLM, see repquant.auto_gptq / clip_iters_for):
+    GPTQ weights and no learned clipping on BERT; dual clipping on pre-norm models, which round
+    by GPTQ only where the weights have fewer bits than the (above 4-bit) activations."""
     from reparq.recipes.repquant import CLIP_ITERS, RepQuantOptions, clip_iters_for, gptq_for
     from tests.test_onnx_export import _tiny_vit
 
     options, bert, vit, llama = RepQuantOptions(), tiny_bert(), _tiny_vit(), tiny_llama()
-    assert gptq_for(bert, options, 8) and not gptq_for(vit, options, 8) and not gptq_for(llama, options, 8)
-    assert not gptq_for(bert, options, 4)  # 4-bit activations: AdaRound's block loss sees them
+    assert all(gptq_for(bert, options, w, a) for w, a in ((8, 8), (6, 6), (4, 8)))
+    assert not any(gptq_for(m, options, w, a) for m in (vit, llama) for w, a in ((8, 8), (6, 6)))
+    assert gptq_for(vit, options, 4, 8) and gptq_for(llama, options, 4, 8)  # weight-dominated error
+    assert not any(gptq_for(m, options, 4, 4) for m in (bert, vit, llama))  # AdaRound's block loss sees A4
     assert clip_iters_for(bert, options) == 0 and clip_iters_for(vit, options) == CLIP_ITERS == clip_iters_for(llama, options)
-    assert not gptq_for(bert, RepQuantOptions(gptq=False), 8) and clip_iters_for(bert, RepQuantOptions(clip_iters=7)) == 7
+    assert not gptq_for(bert, RepQuantOptions(gptq=False), 8, 8) and clip_iters_for(bert, RepQuantOptions(clip_iters=7)) == 7
     calib = [token_batch(4, 16, seed=s, pad=False) for s in range(2)]
     q = reparq.quantize(bert, calib, recipe="repquant", w_bits=4, a_bits=8, seed=0, iters=3,
                         keep_first_last_8bit=False)
@@ -224,3 +227,45 @@ def test_repquant_on_post_ln_rounds_by_gptq_and_skips_dual_clipping():
     plain = reparq.quantize(bert, calib, recipe="repquant", w_bits=4, a_bits=8, seed=0, iters=3, gptq=False,
                             keep_first_last_8bit=False)
     assert not torch.equal(plain.get_submodule("encoder.layer.0.intermediate.dense").weight, layer.weight)
+
+
+def test_post_norm_statistics_in_passes_equal_one_pass(monkeypatch):
+    """The rows of all groups need not be held at once: with a budget that forces a pass per few
+    groups, every per-channel input grid is bit-identical to the one-pass calibration."""
+    import reparq.recipes.reparam as reparam
+    from reparq.recipes.insert import insert_quantizers
+
+    batches = [token_batch(4, 12, seed=s, pad=False) for s in range(3)]
+    cfg = QuantConfig(w_bits=6, a_bits=6, keep_first_last_8bit=False)
+    max_rows = RepQViTOptions().max_rows
+    model = tiny_bert()
+    insert_quantizers(model, cfg)
+    groups = reparam.reparam_groups(model, consumer_fold=True)
+    width = {p.key: reparam._consumers(model, p)[0].weight.shape[-1] for p in groups}
+    budget = max_rows * 4 * max(width.values())  # the widest group alone fills a pass
+    passes = reparam.row_passes(model, groups, max_rows, budget)
+    assert 1 < len(passes) < len(groups)
+    assert [p.key for chunk in passes for p in chunk] == [p.key for p in groups]  # order kept
+    assert all(sum(max_rows * 4 * width[p.key] for p in chunk) <= budget for chunk in passes)
+
+    observe, calls = reparam.observe_norm_outputs, []
+    monkeypatch.setattr(reparam, "observe_norm_outputs", lambda *a, **k: calls.append(1) or observe(*a, **k))
+
+    def grids(budget: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        monkeypatch.setattr(reparam, "ROW_BUDGET_BYTES", budget)
+        calls.clear()
+        model = tiny_bert()
+        pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(consumer_fold=True), seed=0, reporter=SILENT)
+        consumers = {c for p in pairs for c in p.consumers}
+        return {name: (l.input_quantizer.scale.clone(), l.input_quantizer.zero_point.clone())
+                for name, l in quantized_layers(model) if name in consumers}
+
+    one = grids(1 << 40)
+    assert len(calls) == 1
+    several = grids(budget)
+    assert len(calls) == len(passes)
+    assert one.keys() == several.keys() and len(one) == 6 * LAYERS
+    for name in one:
+        assert one[name][0].numel() > 1  # per channel
+        torch.testing.assert_close(several[name][0], one[name][0], rtol=0, atol=0)
+        torch.testing.assert_close(several[name][1], one[name][1], rtol=0, atol=0)

@@ -245,3 +245,51 @@ def test_llama_rmsnorm_pairs_fold_exactly():
         after = model(input_ids=ids).logits
     assert not any(isinstance(model.get_submodule(p.norm), ShiftedNorm) for p in got)  # no extra op
     torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_group_with_a_consumer_at_more_bits_is_folded(family):
+    """The first Linear kept at 8 bits beside 4-bit siblings (LLaMA's q_proj next to k/v, RMSNorm
+    fold; BERT's query next to key/value, consumer-side fold): the group is still calibrated per
+    channel at 4 bits and folded exactly for the 4-bit consumers, and the 8-bit consumer reads the
+    folded tensor on an 8-bit layer-wise grid over the same range."""
+    from tests.test_hf_adapters import tiny_bert, tiny_llama, token_batch
+
+    if family == "llama":
+        model, first = tiny_llama(kv_heads=2).double(), "model.layers.0.self_attn.{}_proj"
+        ids = torch.randint(1, 64, (24, 12), generator=torch.Generator().manual_seed(0))
+        batches, x = [{"input_ids": b} for b in ids.split(8)], {"input_ids": ids}
+    else:
+        model, first = tiny_bert().double(), "encoder.layer.0.attention.self.{}"
+        batches = [token_batch(4, 12, seed=s, pad=False) for s in range(3)]
+        x = token_batch(4, 12, seed=9, pad=False)
+    q, k, v = (first.format(c) for c in (("q", "k", "v") if family == "llama" else ("query", "key", "value")))
+    cfg = QuantConfig(w_bits=4, a_bits=4, keep_first_last_8bit=True)
+    pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(consumer_fold=family == "bert"), seed=0,
+                                reporter=SILENT)
+    group = next(p for p in pairs if q in p.consumers)
+    assert {q, k, v} <= set(group.consumers)
+    get = model.get_submodule
+    assert get(q).input_quantizer.bits == 8 and get(q).input_quantizer.channel_axis is None  # not per channel
+    assert get(k).input_quantizer.bits == 4 and get(k).input_quantizer.scale.numel() > 1  # per channel
+    for _, layer in quantized_layers(model):
+        layer.weight_quantizer.enabled = False
+    get(q).input_quantizer.enabled = False  # the exact part: the 4-bit consumers
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [get(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o)) for n in (k, v)]
+    with torch.no_grad():
+        model(**x)
+        before = dict(seen)
+        fold_postnorm_pairs(model, pairs)
+        model(**x)
+    for h in hooks:
+        h.remove()
+    for n in (k, v):
+        torch.testing.assert_close(seen[n], before[n], rtol=1e-9, atol=1e-9)
+    kq, qq = get(k).input_quantizer, get(q).input_quantizer
+    assert kq.scale.numel() == 1 and qq.scale.numel() == 1 and qq.bits == 8
+    k_range = ((kq.qmin - kq.zero_point) * kq.scale, (kq.qmax - kq.zero_point) * kq.scale)
+    q_range = ((qq.qmin - qq.zero_point) * qq.scale, (qq.qmax - qq.zero_point) * qq.scale)
+    torch.testing.assert_close(qq.scale, kq.scale * 15 / 255)
+    for a, b in zip(q_range, k_range):  # the same range, up to rounding the 8-bit zero point
+        assert abs(float(a - b)) <= float(qq.scale) / 2 + 1e-9

@@ -16,9 +16,10 @@ the reparameterization (DESIGN.md 2.4).
    now ``W * r1``).
 4. Quantized weight reconstruction: block-wise AdaRound rounding with LSQ step sizes for the
    per-tensor activations and the q/k/v matmul inputs (``iters`` steps per block, the
-   ReconConfig options), with everything quantized in place. On post-LN models the rounding is
-   GPTQ's instead above 4-bit activations (:mod:`reparq.quant.gptq`, on each layer's quantized
-   inputs; the steps then learn only the activation step sizes), see :func:`gptq_for`.
+   ReconConfig options), with everything quantized in place. Above 4-bit activations, on post-LN
+   models and where the weights have fewer bits than the activations (W4A8), the rounding is
+   GPTQ's instead (:mod:`reparq.quant.gptq`, on each layer's quantized inputs; the steps then
+   learn only the activation step sizes), see :func:`auto_gptq`.
 5. log-sqrt2 -> log2 with parity for the probabilities (``probs="auto"``: only in the attention
    modules where the log-sqrt2 grid fit the calibration probabilities better than a uniform one,
    :mod:`reparq.recipes.probs_choice`).
@@ -55,7 +56,8 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
     ranges: str = "auto"  # MSE estimators on post-LN models, RepQ-ViT's percentile search elsewhere
     probs: str = "auto"  # per attention module, log-sqrt2 or uniform, whichever fits its probabilities better
     # Weight rounding after the fold: True GPTQ on the quantized inputs (then LSQ activation steps),
-    # False AdaRound; None: GPTQ on post-LN models above 4-bit activations (see gptq_for)
+    # False AdaRound; None: GPTQ above 4-bit activations on post-LN models and where the weights have
+    # fewer bits than the activations (see auto_gptq)
     gptq: bool | None = None
 
 
@@ -72,17 +74,26 @@ def clip_iters_for(model: nn.Module, options: RepQuantOptions) -> int:
     return 0 if is_post_ln(model) else CLIP_ITERS
 
 
-def gptq_for(model: nn.Module, options: RepQuantOptions, a_bits: int) -> bool:
-    """Whether the weight reconstruction rounds by GPTQ. "auto": on post-LN models with activations
-    above 4 bits. There MiniLM (512 calibration sentences, 13k tokens) gains clearly over
-    block-wise AdaRound (cosine W6A6 0.9904 vs 0.9881, W4A8 0.9800 vs 0.9672). AdaRound, which
-    learns each rounding against the block's output with the activation quantizers in place, is
-    ahead where 4-bit activations dominate the error: the zoo ViT/Swin at W4A4 (DeiT -0.55 vs
-    -0.67, Swin -1.03 vs -1.76 points) and MiniLM W4A4 (1024 sentences: 0.8517 vs 0.8303), so
-    those keep it."""
+def gptq_for(model: nn.Module, options: RepQuantOptions, w_bits: int, a_bits: int) -> bool:
+    """Whether the weight reconstruction rounds by GPTQ (``options.gptq``; "auto": :func:`auto_gptq`)."""
     if options.gptq is not None:
         return options.gptq
-    return bool(is_post_ln(model)) and a_bits > 4
+    return auto_gptq(bool(is_post_ln(model)), w_bits, a_bits)
+
+
+def auto_gptq(post_ln: bool, w_bits: int, a_bits: int) -> bool:
+    """repquant's "auto" weight rounding: GPTQ above 4-bit activations, on post-LN models and
+    wherever the weights have fewer bits than the activations (W4A8, where the weight rounding is
+    most of the error and GPTQ is made for it); block-wise AdaRound elsewhere.
+
+    Measured (seed 0): on MiniLM (post-LN; 512 calibration sentences) GPTQ is ahead at W6A6 and
+    W4A8 (cosine 0.9904 vs 0.9881, 0.9800 vs 0.9672); at W4A8 on the pre-norm models too
+    (llama_fm perplexity 118.02 vs 118.14, DeiT / Swin top-1 +0.05 / -0.10 vs +0.01 / -0.12
+    points). AdaRound, which learns each rounding against the block's output with the activation
+    quantizers in place, is ahead where 4-bit activations dominate the error (zoo W4A4: DeiT
+    -0.55 vs -0.67, Swin -1.03 vs -1.76; MiniLM W4A4 0.8517 vs 0.8303) and on the pre-norm
+    models at equal widths (llama_fm W6A6 118.31 vs 118.36, Swin W6A6 -0.08 vs -0.17)."""
+    return a_bits > 4 and (post_ln or w_bits < a_bits)
 
 
 @register_recipe("repquant", "RepQuant: learnable per-channel dual clipping of post-norm inputs (block loss), "
@@ -91,7 +102,7 @@ def gptq_for(model: nn.Module, options: RepQuantOptions, a_bits: int) -> bool:
 def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, reporter: Reporter = SILENT,
              options: RepQuantOptions | None = None) -> nn.Module:
     options = options or RepQuantOptions()
-    clip_iters, gptq = clip_iters_for(model, options), gptq_for(model, options, config.a_bits)
+    clip_iters, gptq = clip_iters_for(model, options), gptq_for(model, options, config.w_bits, config.a_bits)
     if clip_iters > 0 or options.iters > 0 or gptq:
         check_replayable(batches)  # before the range calibration, not after it
     pairs = prepare_transformer(model, batches, config, options, seed, reporter, learnable_clip=clip_iters > 0,
@@ -113,4 +124,4 @@ def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, repo
     return model
 
 
-__all__ = ["CLIP_ITERS", "RepQuantOptions", "clip_iters_for", "gptq_for"]
+__all__ = ["CLIP_ITERS", "RepQuantOptions", "auto_gptq", "clip_iters_for", "gptq_for"]

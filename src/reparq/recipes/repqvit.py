@@ -35,8 +35,8 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.probs_choice import choose_probability_grids
 from reparq.recipes.registry import register_recipe
-from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm, fold_postnorm_pairs, init_weight_ranges_for,
-                                    is_post_ln, observe_norm_outputs, percentile_activation_params, reparam_groups)
+from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm_in_passes, fold_postnorm_pairs,
+                                    init_weight_ranges_for, is_post_ln, percentile_activation_params, reparam_groups)
 
 RANGE_MODES = ("percentile", "config", "auto")
 
@@ -88,9 +88,9 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
     pairs = reparam_groups(model, norms=options.reparam, consumer_fold=options.consumer_fold)
     if pairs:
         reporter.stage("post-norm statistics", total=1)
-        rows = observe_norm_outputs(model, pairs, batches, options.max_rows, seed=seed)
-        calibrate_postnorm(model, pairs, rows, options.channel_ranges, learnable=learnable_clip, lr=clip_lr,
-                           consumer_alpha=options.consumer_alpha)
+        calibrate_postnorm_in_passes(model, pairs, batches, options.max_rows, seed=seed,
+                                     method=options.channel_ranges, learnable=learnable_clip, lr=clip_lr,
+                                     consumer_alpha=options.consumer_alpha)
         reporter.advance(1)
     return pairs
 

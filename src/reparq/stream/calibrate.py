@@ -50,7 +50,7 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
-from reparq.recipes.repquant import CLIP_ITERS
+from reparq.recipes.repquant import CLIP_ITERS, auto_gptq
 from reparq.stream.checkpoint import LazyCheckpoint
 from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
 from reparq.stream.state import StreamState, fingerprint
@@ -162,7 +162,7 @@ def _head_fn(norm_name: str, head_name: str):
     return fn
 
 
-def _phases(recipe: str, options, plan: Plan) -> list[tuple[str, object, int]]:
+def _phases(recipe: str, options, plan: Plan, w_bits: int, a_bits: int) -> list[tuple[str, object, int]]:
     """(phase name, ReconConfig, seed offset) as the in-memory recipe runs them."""
     if recipe != "repquant":
         return []
@@ -172,7 +172,7 @@ def _phases(recipe: str, options, plan: Plan) -> list[tuple[str, object, int]]:
     if plan.any_pairs and clip_iters > 0:
         phases.append(("clip", recon_config(options, iters=clip_iters, round_weights=False,
                                             learn_act_scale=False, drop_prob=0.0), 0))
-    gptq = bool(options.gptq)  # "auto" (None) means AdaRound on a pre-norm decoder
+    gptq = auto_gptq(False, w_bits, a_bits) if options.gptq is None else options.gptq
     if options.iters > 0 or gptq:
         phases.append(("weights", recon_config(options, gptq=gptq), 1))
     return phases
@@ -211,7 +211,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
         raise ReparqError(f"streamed calibration supports LLaMA-architecture decoders, not {type(skeleton).__name__}")
     checkpoint = LazyCheckpoint(model_dir)
     plan = _plan(skeleton, config, opts)
-    phases = _phases(recipe, opts, plan)
+    phases = _phases(recipe, opts, plan, w_bits, a_bits)
     layers_name, layers = decoder_layers(skeleton)
     n_layers = len(layers)
     dp = parallel.current()
