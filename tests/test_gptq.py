@@ -178,3 +178,16 @@ def test_float_target_leaves_the_weight_alone_when_inputs_are_float_and_helps_wh
         with torch.no_grad():
             errs[float_target] = float(lp_loss(m(x), ref, 2.0))
     assert errs[True] < errs[False], errs
+
+
+def test_a_phase_that_does_not_round_weights_skips_gptq():
+    """repquant's dual-clipping phase runs the engine with round_weights=False; gptq=True asked for
+    the weight phase must not round (and so move) the weights there, before the fold changes them."""
+    _, q, x = _calibrated()
+    before = {n: l.weight.detach().clone() for n, l in quantized_layers(q)}
+    units = discover_units(q, block_globs=("blocks.*",))
+    reconstruct(q, units, list(x.split(16)), ReconConfig(iters=2, gptq=True, round_weights=False,
+                                                         learn_act_scale=False), seed=0)
+    assert all(torch.equal(l.weight, before[n]) for n, l in quantized_layers(q))
+    reconstruct(q, units, list(x.split(16)), ReconConfig(iters=0, gptq=True, learn_act_scale=False), seed=0)
+    assert not all(torch.equal(l.weight, before[n]) for n, l in quantized_layers(q))  # the weight phase does

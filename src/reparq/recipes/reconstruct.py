@@ -362,7 +362,7 @@ def reconstruct_unit(model: nn.Module, unit: Unit, fp_in_b: list[torch.Tensor], 
     _set_units_quant(model, [unit], True)
     extra = make_extra(fp_out) if make_extra is not None else None
     fixed: set[str] = set()
-    if cfg.gptq:
+    if cfg.gptq and cfg.round_weights:  # GPTQ is a weight rounding: a phase that leaves weights alone skips it
         from reparq.recipes.gptq_unit import gptq_unit  # it builds on this module (caches, early exit)
 
         fixed = gptq_unit(module, dict(zip(unit.layers, unit_layers(model, unit))), q_in, args, kwargs,
