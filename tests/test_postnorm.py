@@ -249,29 +249,32 @@ def test_llama_rmsnorm_pairs_fold_exactly():
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_group_with_a_consumer_at_more_bits_is_folded(family):
-    """The first Linear kept at 8 bits beside 4-bit siblings (LLaMA's q_proj next to k/v, RMSNorm
-    fold; BERT's query next to key/value, consumer-side fold): the group is still calibrated per
-    channel at 4 bits and folded exactly for the 4-bit consumers, and the 8-bit consumer reads the
-    folded tensor on an 8-bit layer-wise grid over the same range."""
+    """The first Linear kept at 8 bits beside 4-bit siblings. LLaMA (RMSNorm fold: the norm's output
+    changes for q, k and v alike): the group is calibrated per channel at 4 bits and folded exactly
+    for k/v, and q_proj reads the folded tensor on an 8-bit layer-wise grid over the same range.
+    BERT (consumer-side fold: an input affine per consumer): the query stays out of the group,
+    untouched, and key/value are folded exactly."""
     from tests.test_hf_adapters import tiny_bert, tiny_llama, token_batch
 
     if family == "llama":
-        model, first = tiny_llama(kv_heads=2).double(), "model.layers.0.self_attn.{}_proj"
+        model, names = tiny_llama(kv_heads=2).double(), [f"model.layers.0.self_attn.{c}_proj" for c in "qkv"]
         ids = torch.randint(1, 64, (24, 12), generator=torch.Generator().manual_seed(0))
         batches, x = [{"input_ids": b} for b in ids.split(8)], {"input_ids": ids}
     else:
-        model, first = tiny_bert().double(), "encoder.layer.0.attention.self.{}"
+        model = tiny_bert().double()
+        names = [f"encoder.layer.0.attention.self.{c}" for c in ("query", "key", "value")]
         batches = [token_batch(4, 12, seed=s, pad=False) for s in range(3)]
         x = token_batch(4, 12, seed=9, pad=False)
-    q, k, v = (first.format(c) for c in (("q", "k", "v") if family == "llama" else ("query", "key", "value")))
+    q, k, v = names
+    get = model.get_submodule
     cfg = QuantConfig(w_bits=4, a_bits=4, keep_first_last_8bit=True)
     pairs = prepare_transformer(model, batches, cfg, RepQViTOptions(consumer_fold=family == "bert"), seed=0,
                                 reporter=SILENT)
-    group = next(p for p in pairs if q in p.consumers)
-    assert {q, k, v} <= set(group.consumers)
-    get = model.get_submodule
+    group = next(p for p in pairs if k in p.consumers)
+    assert v in group.consumers and (q in group.consumers) == (family == "llama")
     assert get(q).input_quantizer.bits == 8 and get(q).input_quantizer.channel_axis is None  # not per channel
     assert get(k).input_quantizer.bits == 4 and get(k).input_quantizer.scale.numel() > 1  # per channel
+    q_before = (get(q).weight.detach().clone(), get(q).input_quantizer.scale.clone())
     for _, layer in quantized_layers(model):
         layer.weight_quantizer.enabled = False
     get(q).input_quantizer.enabled = False  # the exact part: the 4-bit consumers
@@ -288,6 +291,10 @@ def test_group_with_a_consumer_at_more_bits_is_folded(family):
         torch.testing.assert_close(seen[n], before[n], rtol=1e-9, atol=1e-9)
     kq, qq = get(k).input_quantizer, get(q).input_quantizer
     assert kq.scale.numel() == 1 and qq.scale.numel() == 1 and qq.bits == 8
+    if family == "bert":  # left alone: same weight, same grid, no input affine
+        assert torch.equal(get(q).weight, q_before[0]) and torch.equal(qq.scale, q_before[1])
+        assert get(q)._modules.get("input_affine") is None
+        return
     k_range = ((kq.qmin - kq.zero_point) * kq.scale, (kq.qmax - kq.zero_point) * kq.scale)
     q_range = ((qq.qmin - qq.zero_point) * qq.scale, (qq.qmax - qq.zero_point) * qq.scale)
     torch.testing.assert_close(qq.scale, kq.scale * 15 / 255)

@@ -86,13 +86,13 @@ def auto_gptq(post_ln: bool, w_bits: int, a_bits: int) -> bool:
     wherever the weights have fewer bits than the activations (W4A8, where the weight rounding is
     most of the error and GPTQ is made for it); block-wise AdaRound elsewhere.
 
-    Measured (seed 0): on MiniLM (post-LN; 512 calibration sentences) GPTQ is ahead at W6A6 and
-    W4A8 (cosine 0.9904 vs 0.9881, 0.9800 vs 0.9672); at W4A8 on the pre-norm models too
-    (llama_fm perplexity 118.02 vs 118.14, DeiT / Swin top-1 +0.05 / -0.10 vs +0.01 / -0.12
-    points). AdaRound, which learns each rounding against the block's output with the activation
-    quantizers in place, is ahead where 4-bit activations dominate the error (zoo W4A4: DeiT
-    -0.55 vs -0.67, Swin -1.03 vs -1.76; MiniLM W4A4 0.8517 vs 0.8303) and on the pre-norm
-    models at equal widths (llama_fm W6A6 118.31 vs 118.36, Swin W6A6 -0.08 vs -0.17)."""
+    Measured (seed 0): on MiniLM (post-LN; 512 calibration sentences, no clipping) GPTQ is ahead
+    at W6A6 and W4A8 (cosine 0.9904 vs 0.9881, 0.9800 vs 0.9672); at W4A8 on the pre-norm
+    llama_fm too (perplexity 118.046 vs 118.140), and level on the zoo DeiT / Swin (top-1 -0.02 /
+    -0.11 vs +0.01 / -0.12 points). AdaRound, which learns each rounding against the block's
+    output with the activation quantizers in place, is ahead where 4-bit activations dominate the
+    error (zoo W4A4: DeiT -0.55 vs -0.69, Swin -1.03 vs -2.03; MiniLM W4A4 0.8517 vs 0.8303) and on
+    the pre-norm models at equal widths (zoo W6A6: +0.03 / -0.08 vs -0.03 / -0.11)."""
     return a_bits > 4 and (post_ln or w_bits < a_bits)
 
 
