@@ -69,12 +69,15 @@ def drop_table(name: str, bits: tuple[str, ...]) -> str:
 
 
 def variant_table(name: str, column, label, order) -> str:
-    """One row per variant (method), one column per ``column(row)`` value in ``order``: the Δ cells."""
+    """One row per variant (method), one column per ``column(row)`` value in ``order``: the Δ cells.
+    Only the columns every variant was measured in (a single variant's extra widths stay in the
+    results file)."""
     rows = _rows(name)
     if rows is None:
         return NOT_MEASURED
     variants = list(dict.fromkeys(r["method"] for r in rows))
     cols = sorted({column(r) for r in rows}, key=order)
+    cols = [c for c in cols if all(any(r["method"] == v and column(r) == c for r in rows) for v in variants)]
     lines = ["| variant | " + " | ".join(f"{label(c)} Δ" for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for v in variants:
         cells = [_cell([r["delta"] for r in rows if r["method"] == v and column(r) == c]) for c in cols]
@@ -83,14 +86,32 @@ def variant_table(name: str, column, label, order) -> str:
 
 
 def real_table() -> str:
+    """One line per model, metric and width, one column per recipe (the mean over the seeds
+    measured, their number in the ``seeds`` column); the best cell in bold (highest cosine, lowest
+    perplexity), so that "the best recipe in every cell" can be read off."""
     rows = _rows("transformers_real")
     if rows is None:
         return NOT_MEASURED
     rows = [r for r in rows if r["metric"] in ("cosine", "perplexity")]
-    lines = ["| model | metric | recipe | W/A | FP | quant | target | met |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['metric']} | {r['method']} | W{r['w_bits']}A{r['a_bits']} | {r['fp']:.4g} | "
-                     f"{r['quant']:.4g} | {r['target'] or '-'} | {'-' if r['ok'] is None else 'yes' if r['ok'] else 'no'} |")
+    recipes = [m for m in ORDER if any(r["method"] == m for r in rows)]
+    lines = ["| model | metric | W/A | seeds | FP | target | " + " | ".join(recipes) + " | target met by repquant |",
+             "|---|---|---|---|---|---|" + "---|" * len(recipes) + "---|"]
+    cells = list(dict.fromkeys((r["model"], r["metric"], r["w_bits"], r["a_bits"]) for r in rows))
+    for cell in cells:
+        sel = [r for r in rows if (r["model"], r["metric"], r["w_bits"], r["a_bits"]) == cell]
+        by_recipe = {m: [r for r in sel if r["method"] == m] for m in recipes}
+        means = {m: sum(r["quant"] for r in rs) / len(rs) for m, rs in by_recipe.items() if rs}
+        higher = cell[1] == "cosine"
+        best = (max if higher else min)(means.values())
+        fmt = "{:.4f}" if higher else "{:.3f}"
+        shown = [("**" + fmt.format(means[m]) + "**" if means[m] == best else fmt.format(means[m])) if m in means
+                 else "-" for m in recipes]
+        seeds = sorted({len(rs) for rs in by_recipe.values() if rs})
+        oks = [r["ok"] for r in by_recipe.get("repquant", [])]
+        ok = "-" if not oks or oks[0] is None else "yes" if all(oks) else "no"
+        model, metric, w, a = cell
+        lines.append(f"| {model} | {metric} | W{w}A{a} | {'/'.join(map(str, seeds))} | {fmt.format(sel[0]['fp'])} | "
+                     f"{sel[0]['target'] or '-'} | " + " | ".join(shown) + f" | {ok} |")
     return "\n".join(lines)
 
 
