@@ -202,19 +202,23 @@ def test_repquant_auto_defaults_follow_the_norm_placement():
 
 
 def test_repquant_on_post_ln_rounds_by_gptq_and_skips_dual_clipping():
-    """The other two post-LN choices (measured on MiniLM, see repquant.auto_gptq / clip_iters_for):
+    """The other two post-LN choices (measured on MiniLM, see repquant.gptq_for / clip_iters_for):
     GPTQ weights and no learned clipping on BERT; dual clipping on pre-norm models, which round
     by GPTQ only where the weights have fewer bits than the (above 4-bit) activations."""
+    from reparq.recipes.reparam import is_post_ln
     from reparq.recipes.repquant import CLIP_ITERS, RepQuantOptions, clip_iters_for, gptq_for
     from tests.test_onnx_export import _tiny_vit
 
     options, bert, vit, llama = RepQuantOptions(), tiny_bert(), _tiny_vit(), tiny_llama()
-    assert all(gptq_for(bert, options, w, a) for w, a in ((8, 8), (6, 6), (4, 8)))
-    assert not any(gptq_for(m, options, w, a) for m in (vit, llama) for w, a in ((8, 8), (6, 6)))
-    assert gptq_for(vit, options, 4, 8) and gptq_for(llama, options, 4, 8)  # weight-dominated error
-    assert not any(gptq_for(m, options, 4, 4) for m in (bert, vit, llama))  # AdaRound's block loss sees A4
-    assert clip_iters_for(bert, options) == 0 and clip_iters_for(vit, options) == CLIP_ITERS == clip_iters_for(llama, options)
-    assert not gptq_for(bert, RepQuantOptions(gptq=False), 8, 8) and clip_iters_for(bert, RepQuantOptions(clip_iters=7)) == 7
+    post_ln = {m: bool(is_post_ln(m)) for m in (bert, vit, llama)}
+    assert post_ln == {bert: True, vit: False, llama: False}
+    assert all(gptq_for(options, post_ln[bert], w, a) for w, a in ((8, 8), (6, 6), (4, 8)))
+    assert not any(gptq_for(options, post_ln[m], w, a) for m in (vit, llama) for w, a in ((8, 8), (6, 6)))
+    assert gptq_for(options, post_ln[vit], 4, 8) and gptq_for(options, post_ln[llama], 4, 8)  # weight-dominated error
+    assert not any(gptq_for(options, post_ln[m], 4, 4) for m in (bert, vit, llama))  # AdaRound's block loss sees A4
+    assert clip_iters_for(options, post_ln[bert]) == 0
+    assert clip_iters_for(options, post_ln[vit]) == CLIP_ITERS == clip_iters_for(options, post_ln[llama])
+    assert not gptq_for(RepQuantOptions(gptq=False), True, 8, 8) and clip_iters_for(RepQuantOptions(clip_iters=7), True) == 7
     calib = [token_batch(4, 16, seed=s, pad=False) for s in range(2)]
     q = reparq.quantize(bert, calib, recipe="repquant", w_bits=4, a_bits=8, seed=0, iters=3,
                         keep_first_last_8bit=False)
@@ -269,3 +273,4 @@ def test_post_norm_statistics_in_passes_equal_one_pass(monkeypatch):
         assert one[name][0].numel() > 1  # per channel
         torch.testing.assert_close(several[name][0], one[name][0], rtol=0, atol=0)
         torch.testing.assert_close(several[name][1], one[name][1], rtol=0, atol=0)
+

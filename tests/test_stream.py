@@ -50,7 +50,7 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
 RECIPES = {"repqvit": {}, "repquant": {"iters": 6, "clip_iters": 5}}
 
 
-# W4A8: repquant's "auto" rounding is GPTQ there (repquant.auto_gptq), which the streamed path must follow.
+# W4A8: repquant's "auto" rounding is GPTQ there (repquant.gptq_for), which the streamed path must follow.
 @pytest.mark.parametrize("recipe,tied,bits", [("repqvit", False, (4, 4)), ("repquant", True, (4, 4)),
                                               ("repquant", False, (4, 8))])
 def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits):

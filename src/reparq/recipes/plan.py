@@ -85,9 +85,10 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
     prep, bn_folded, rep_blocks = _prepare(merged)
     transforms = recipe_transforms(recipe, options)
     if "dual-clip" in transforms and getattr(options, "clip_iters", 1) is None:
+        from reparq.recipes.reparam import is_post_ln
         from reparq.recipes.repquant import clip_iters_for  # "auto": off on post-LN models
 
-        if clip_iters_for(merged, options) == 0:
+        if clip_iters_for(options, bool(is_post_ln(merged))) == 0:
             transforms = tuple(t for t in transforms if t != "dual-clip")
     found = []
     if "equalize" in transforms:  # on the float graph: the trace must see plain Conv2d/Linear

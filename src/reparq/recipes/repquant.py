@@ -19,7 +19,7 @@ the reparameterization (DESIGN.md 2.4).
    ReconConfig options), with everything quantized in place. Above 4-bit activations, on post-LN
    models and where the weights have fewer bits than the activations (W4A8), the rounding is
    GPTQ's instead (:mod:`reparq.quant.gptq`, on each layer's quantized inputs; the steps then
-   learn only the activation step sizes), see :func:`auto_gptq`.
+   learn only the activation step sizes), see :func:`gptq_for`.
 5. log-sqrt2 -> log2 with parity for the probabilities (``probs="auto"``: only in the attention
    modules where the log-sqrt2 grid fit the calibration probabilities better than a uniform one,
    :mod:`reparq.recipes.probs_choice`).
@@ -57,35 +57,30 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
     probs: str = "auto"  # per attention module, log-sqrt2 or uniform, whichever fits its probabilities better
     # Weight rounding after the fold: True GPTQ on the quantized inputs (then LSQ activation steps),
     # False AdaRound; None: GPTQ above 4-bit activations on post-LN models and where the weights have
-    # fewer bits than the activations (see auto_gptq)
+    # fewer bits than the activations (see gptq_for)
     gptq: bool | None = None
 
 
 CLIP_ITERS = 100
 
 
-def clip_iters_for(model: nn.Module, options: RepQuantOptions) -> int:
-    """The dual-clipping steps ``options`` mean on this model. On post-LN models every per-channel
-    group is a consumer-side fold, and training its bounds on the block's squared error made
-    MiniLM worse where it matters (cosine, seed 0, GPTQ weights, 1024 calibration sentences:
-    W6A6 0.9903 without, 0.9858 with, the target being 0.99; W4A8 0.9804 / 0.9814; with AdaRound
-    weights, 512 sentences, W6A6 0.9881 / 0.9871), so "auto" leaves them off there."""
+def clip_iters_for(options: RepQuantOptions, post_ln: bool) -> int:
+    """The dual-clipping steps ``options`` mean on a model (``post_ln``: :func:`is_post_ln`). On
+    post-LN models every per-channel group is a consumer-side fold, and training its bounds on the
+    block's squared error made MiniLM worse where it matters (cosine, seed 0, GPTQ weights, 1024
+    calibration sentences: W6A6 0.9903 without, 0.9858 with, the target being 0.99; W4A8 0.9804 /
+    0.9814; with AdaRound weights, 512 sentences, W6A6 0.9881 / 0.9871), so "auto" leaves them off
+    there."""
     if options.clip_iters is not None:
         return options.clip_iters
-    return 0 if is_post_ln(model) else CLIP_ITERS
+    return 0 if post_ln else CLIP_ITERS
 
 
-def gptq_for(model: nn.Module, options: RepQuantOptions, w_bits: int, a_bits: int) -> bool:
-    """Whether the weight reconstruction rounds by GPTQ (``options.gptq``; "auto": :func:`auto_gptq`)."""
-    if options.gptq is not None:
-        return options.gptq
-    return auto_gptq(bool(is_post_ln(model)), w_bits, a_bits)
-
-
-def auto_gptq(post_ln: bool, w_bits: int, a_bits: int) -> bool:
-    """repquant's "auto" weight rounding: GPTQ above 4-bit activations, on post-LN models and
-    wherever the weights have fewer bits than the activations (W4A8, where the weight rounding is
-    most of the error and GPTQ is made for it); block-wise AdaRound elsewhere.
+def gptq_for(options: RepQuantOptions, post_ln: bool, w_bits: int, a_bits: int) -> bool:
+    """Whether the weight reconstruction rounds by GPTQ (``options.gptq``). "auto": GPTQ above
+    4-bit activations, on post-LN models and wherever the weights have fewer bits than the
+    activations (W4A8, where the weight rounding is most of the error and GPTQ is made for it);
+    block-wise AdaRound elsewhere.
 
     Measured (seed 0): on MiniLM (post-LN; 512 calibration sentences, no clipping) GPTQ is ahead
     at W6A6 and W4A8 (cosine 0.9904 vs 0.9881, 0.9800 vs 0.9672); at W4A8 on the pre-norm
@@ -94,6 +89,8 @@ def auto_gptq(post_ln: bool, w_bits: int, a_bits: int) -> bool:
     output with the activation quantizers in place, is ahead where 4-bit activations dominate the
     error (zoo W4A4: DeiT -0.55 vs -0.69, Swin -1.03 vs -2.03; MiniLM W4A4 0.8517 vs 0.8303) and on
     the pre-norm models at equal widths (zoo W6A6: +0.03 / -0.08 vs -0.03 / -0.11)."""
+    if options.gptq is not None:
+        return options.gptq
     return a_bits > 4 and (post_ln or w_bits < a_bits)
 
 
@@ -103,7 +100,8 @@ def auto_gptq(post_ln: bool, w_bits: int, a_bits: int) -> bool:
 def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, reporter: Reporter = SILENT,
              options: RepQuantOptions | None = None) -> nn.Module:
     options = options or RepQuantOptions()
-    clip_iters, gptq = clip_iters_for(model, options), gptq_for(model, options, config.w_bits, config.a_bits)
+    post_ln = bool(is_post_ln(model))
+    clip_iters, gptq = clip_iters_for(options, post_ln), gptq_for(options, post_ln, config.w_bits, config.a_bits)
     if clip_iters > 0 or options.iters > 0 or gptq:
         check_replayable(batches)  # before the range calibration, not after it
     pairs = prepare_transformer(model, batches, config, options, seed, reporter, learnable_clip=clip_iters > 0,
@@ -125,4 +123,4 @@ def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, repo
     return model
 
 
-__all__ = ["CLIP_ITERS", "RepQuantOptions", "auto_gptq", "clip_iters_for", "gptq_for"]
+__all__ = ["CLIP_ITERS", "RepQuantOptions", "clip_iters_for", "gptq_for"]

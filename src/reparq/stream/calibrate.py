@@ -50,7 +50,7 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
-from reparq.recipes.repquant import CLIP_ITERS, auto_gptq
+from reparq.recipes.repquant import clip_iters_for, gptq_for
 from reparq.stream.checkpoint import LazyCheckpoint
 from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
 from reparq.stream.state import StreamState, fingerprint
@@ -167,12 +167,12 @@ def _phases(recipe: str, options, plan: Plan, w_bits: int, a_bits: int) -> list[
     if recipe != "repquant":
         return []
     phases = []
-    # Streamed models are decoders (pre-norm), where "auto" dual clipping means CLIP_ITERS.
-    clip_iters = CLIP_ITERS if options.clip_iters is None else options.clip_iters
+    # The in-memory recipe's own "auto" choices, for a pre-norm model: streamed models are decoders.
+    clip_iters = clip_iters_for(options, post_ln=False)
     if plan.any_pairs and clip_iters > 0:
         phases.append(("clip", recon_config(options, iters=clip_iters, round_weights=False,
                                             learn_act_scale=False, drop_prob=0.0), 0))
-    gptq = auto_gptq(False, w_bits, a_bits) if options.gptq is None else options.gptq
+    gptq = gptq_for(options, False, w_bits, a_bits)
     if options.iters > 0 or gptq:
         phases.append(("weights", recon_config(options, gptq=gptq), 1))
     return phases
