@@ -274,3 +274,15 @@ def test_post_norm_statistics_in_passes_equal_one_pass(monkeypatch):
         torch.testing.assert_close(several[name][0], one[name][0], rtol=0, atol=0)
         torch.testing.assert_close(several[name][1], one[name][1], rtol=0, atol=0)
 
+
+def test_dry_run_plan_lists_dual_clipping_only_where_auto_runs_it():
+    """The plan's transforms follow repquant's resolved "auto" clip_iters: none on post-LN BERT,
+    dual clipping on pre-norm LLaMA, and on BERT again when asked for explicitly."""
+    from reparq.recipes.plan import plan
+    from reparq.recipes.repquant import RepQuantOptions
+
+    cfg = QuantConfig(w_bits=6, a_bits=6)
+    transforms = lambda m, o: plan(m, cfg, recipe="repquant", options=o)["transforms"]  # noqa: E731
+    assert "dual-clip" not in transforms(tiny_bert(), RepQuantOptions())
+    assert "dual-clip" in transforms(tiny_llama(), RepQuantOptions())
+    assert "dual-clip" in transforms(tiny_bert(), RepQuantOptions(clip_iters=5))
