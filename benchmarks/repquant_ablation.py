@@ -51,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     test_x, test_y = load_fashion_mnist("test")
     path = args.out / "repquant_ablation.json"
     # Incremental and resumable: rows already measured (same variant, bits, iterations) are kept.
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+    rows = old["rows"]
     done = {tuple(r.get(k) for k in KEY) for r in rows}
-    command = "python benchmarks/repquant_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/repquant_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    # Every invocation that contributed rows, as the other benchmarks record it.
+    command = "; ".join(dict.fromkeys([c for c in old["command"].split("; ") if c] + [command]))
     models, fps = {}, {}
     for b in args.bits:  # all of W4A4 first: W6A6 is the part that may be cut short
         bits = Bits.parse(b)
@@ -102,8 +105,8 @@ def _write(out: Path, command: str, rows: list[dict]) -> None:
              "(consumer_fold=True: also the attention output projection and fc2 inputs per channel, folded at the "
              "consumer through an input affine; repquant's default turns this on only for post-LN models), `gptq` "
              "(gptq=True: the weights rounded by GPTQ on each layer's quantized inputs instead of AdaRound, the "
-             "steps then learn only the activation step sizes; repquant's default on post-LN models above 4-bit "
-             "activations). "
+             "steps then learn only the activation step sizes; repquant's default above 4-bit activations on post-LN "
+             "models and at W4A8). "
              "`repqvit` is "
              "RepQ-ViT (statistics only, no learning) for reference. Single seed: read differences of a few tenths "
              "of a point as noise. calib s / peak MB: wall time and peak RSS of the calibration on a 2-core machine "
