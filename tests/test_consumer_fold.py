@@ -233,6 +233,37 @@ def test_repquant_on_post_ln_rounds_by_gptq_and_skips_dual_clipping():
     assert not torch.equal(plain.get_submodule("encoder.layer.0.intermediate.dense").weight, layer.weight)
 
 
+def test_repquant_drops_activation_quantization_only_on_image_models_above_4_bits(monkeypatch):
+    """QDrop's dropping in the weight reconstruction (repquant.drop_prob_for): on models that read
+    images, above 4-bit activations only, never in the dual-clipping phase, never on text models;
+    and the recipe hands the resolved probability to the engine's weight phase."""
+    import reparq.recipes.repquant as repquant_mod
+    from reparq.recipes.repquant import DROP_PROB, RepQuantOptions, drop_prob_for, reads_images
+    from tests.test_onnx_export import _tiny_vit, _vit_images
+
+    options = RepQuantOptions()
+    assert drop_prob_for(options, True, 8) == drop_prob_for(options, True, 6) == DROP_PROB == 0.5
+    assert drop_prob_for(options, True, 4) == 0.0 and drop_prob_for(options, False, 8) == 0.0
+    assert drop_prob_for(RepQuantOptions(drop_prob=0.25), False, 4) == 0.25
+    images, tokens = [torch.randn(4, 3, 32, 32)], [token_batch(4, 16, seed=s, pad=False) for s in range(2)]
+    assert reads_images(images) and not reads_images(tokens) and not reads_images([{"input_ids": tokens[0]}])
+    seen = []
+    real = repquant_mod.reconstruct
+
+    def spy(model, units, batches, cfg, **kwargs):
+        seen.append((cfg.round_weights, cfg.drop_prob))
+        return real(model, units, batches, cfg, **kwargs)
+
+    monkeypatch.setattr(repquant_mod, "reconstruct", spy)
+    vit_calib = _vit_images(8, seed=0)
+    for model, calib, bits, weights_drop in ((_tiny_vit(), vit_calib, 6, DROP_PROB), (_tiny_vit(), vit_calib, 4, 0.0),
+                                             (tiny_llama(), tokens, 6, 0.0)):
+        seen.clear()
+        reparq.quantize(model, calib, recipe="repquant", w_bits=bits, a_bits=bits, seed=0, iters=2, clip_iters=2,
+                        keep_first_last_8bit=False)
+        assert seen == [(False, 0.0), (True, weights_drop)]
+
+
 def test_post_norm_statistics_in_passes_equal_one_pass(monkeypatch):
     """The rows of all groups need not be held at once: with a budget that forces a pass per few
     groups, every per-channel input grid is bit-identical to the one-pass calibration."""

@@ -50,7 +50,7 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
-from reparq.recipes.repquant import clip_iters_for, gptq_for
+from reparq.recipes.repquant import clip_iters_for, drop_prob_for, gptq_for
 from reparq.stream.checkpoint import LazyCheckpoint
 from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
 from reparq.stream.state import StreamState, fingerprint
@@ -174,7 +174,7 @@ def _phases(recipe: str, options, plan: Plan, w_bits: int, a_bits: int) -> list[
                                             learn_act_scale=False, drop_prob=0.0), 0))
     gptq = gptq_for(options, False, w_bits, a_bits)
     if options.iters > 0 or gptq:
-        phases.append(("weights", recon_config(options, gptq=gptq), 1))
+        phases.append(("weights", recon_config(options, gptq=gptq, drop_prob=drop_prob_for(options, image_inputs=False, a_bits=a_bits)), 1))
     return phases
 
 
