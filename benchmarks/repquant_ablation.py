@@ -31,6 +31,7 @@ VARIANTS = {
     "repquant-no_weight_recon": ("repquant", {"iters": 0}),
     "repquant-consumer_fold": ("repquant", {"consumer_fold": True}),
     "repquant-gptq": ("repquant", {"gptq": True}),
+    "repquant-no_drop": ("repquant", {"drop_prob": 0.0}),
     "repqvit": ("repqvit", {}),
 }
 KEY = ("model", "method", "w_bits", "a_bits", "iters", "clip_iters")
@@ -96,7 +97,8 @@ def _write(out: Path, command: str, rows: list[dict]) -> None:
              "activations per tensor). `repquant` = its defaults: per-channel post-norm ranges from RepQ-ViT's "
              "percentile search, learnable dual clipping of those ranges (`clip_iters` steps per block, block "
              "reconstruction loss), exact fold into layer-wise quantizers, block-wise quantized weight reconstruction "
-             "(AdaRound + LSQ activation steps, `iters` steps per block), log-sqrt2 probabilities deployed as "
+             "(AdaRound + LSQ activation steps, `iters` steps per block; activations dropped to float with p=0.5 "
+             "above 4 bits), log-sqrt2 probabilities deployed as "
              "log2 + parity. Each other row changes one option: `no_reparam` (reparam=False: the qkv/fc1/reduction "
              "inputs stay per-tensor, hence no dual clipping either), `uniform_probs` (probs=\"uniform\": a 4/6-bit "
              "uniform grid on the softmax output, range by percentile search), `log2_probs` (probs=\"log2\": one "
@@ -106,7 +108,9 @@ def _write(out: Path, command: str, rows: list[dict]) -> None:
              "consumer through an input affine; repquant's default turns this on only for post-LN models), `gptq` "
              "(gptq=True: the weights rounded by GPTQ on each layer's quantized inputs instead of AdaRound, the "
              "steps then learn only the activation step sizes; repquant's default above 4-bit activations on post-LN "
-             "models and at W4A8). "
+             "models and at W4A8), `no_drop` (drop_prob=0: no QDrop-style dropping of activation quantization in the "
+             "weight reconstruction, which repquant's default does on image models above 4-bit activations, so at W4A4 "
+             "this row is repquant itself). "
              "`repqvit` is "
              "RepQ-ViT (statistics only, no learning) for reference. Single seed: read differences of a few tenths "
              "of a point as noise. calib s / peak MB: wall time and peak RSS of the calibration on a 2-core machine "
