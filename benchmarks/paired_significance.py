@@ -26,22 +26,15 @@ from pathlib import Path
 import torch
 
 from reparq.data import calibration_subset, load_fashion_mnist
-from reparq.eval.accuracy import top1
+from reparq.eval.accuracy import correct_predictions, top1
 from reparq.eval.grid import Bits, run_grid
 from reparq.eval.significance import paired_sign_test
-from reparq.report.results import write_results
+from reparq.report.results import command_history, write_results
 from reparq.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = "repquant"
 RIVALS = ("minmax", "percentile", "mse", "brecq", "qdrop", "repqvit")
-
-
-@torch.no_grad()
-def correct_images(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]
-                      for i in range(0, x.shape[0], batch_size)])
 
 
 def rivals_to_test(rows: list[dict], model: str, bits: Bits, seeds: list[int], recipes: list[str]) -> list[str]:
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = {key(r) for r in rows}
         merged = sorted([r for r in old["rows"] if key(r) not in mine] + rows,
                         key=lambda r: (r["model"], -r["w_bits"], -r["a_bits"], r["method"]))
-        commands = "; ".join(dict.fromkeys([c for c in old["command"].split("; ") if c] + [command.strip()]))
+        commands = command_history(old["command"], command)
         notes = __doc__.split("\n\n", 1)[1].strip() + (
             "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points); "
             "calib_seconds / peak_mem_mb are the rival's mean / max.")
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 calib = calibration_subset(1024, seed=seed)
                 for method in [REFERENCE, *rivals]:
                     def keep(row: dict, qmodel: torch.nn.Module, method: str = method) -> None:
-                        hits = correct_images(qmodel, test_x, test_y).long()
+                        hits = correct_predictions(qmodel, test_x, test_y).long()
                         wins[method] = wins.get(method, torch.zeros_like(hits)) + hits
                         measured.setdefault(method, []).append(row)
 

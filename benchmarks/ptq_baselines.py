@@ -20,7 +20,7 @@ from pathlib import Path
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
-from reparq.report.results import write_results
+from reparq.report.results import command_history, write_results
 from reparq.report.tables import mean_std
 from reparq.zoo import list_models, load_model
 
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = {_key(r) for r in mine}
         rows = [r for r in old["rows"] if _key(r) not in keys and fps.get(r["model"], r["fp"]) == r["fp"]] + mine
         rows.sort(key=_sort_key)
-        commands = [c for c in old["command"].split("; ") if c] + [command.strip()]
-        write_results(args.out, args.name, "; ".join(dict.fromkeys(commands)), rows, NOTES,
+        write_results(args.out, args.name, command_history(old["command"], command), rows, NOTES,
                       "\n\n".join(summary(rows, b) for b in ("W4A4", "W6A6")))
 
     for name in models:

@@ -15,7 +15,7 @@ from pathlib import Path
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
-from reparq.report.results import write_results
+from reparq.report.results import command_history, write_results
 from reparq.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
     rows: list[dict] = old["rows"]
     command = "python benchmarks/recon_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    command = "; ".join(dict.fromkeys([c for c in old["command"].split("; ") if c] + [command.strip()]))
+    command = command_history(old["command"], command)
     notes = ("Each row: one reconstruction run at the given iterations per unit (batch 32) and seed (the seed "
              "picks the 1024 calibration images and seeds the recipe). "
              "iters=0 is the MSE-initialized model with no learning. calib_seconds is the wall time of the "

@@ -17,7 +17,7 @@ from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
 from reparq.recipes.repquant import CLIP_ITERS, RepQuantOptions
-from reparq.report.results import write_results
+from reparq.report.results import command_history, write_results
 from reparq.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {tuple(r.get(k) for k in KEY) for r in rows}
     command = ("python benchmarks/repquant_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     # Every invocation that contributed rows, as the other benchmarks record it.
-    command = "; ".join(dict.fromkeys([c for c in old["command"].split("; ") if c] + [command]))
+    command = command_history(old["command"], command)
     models, fps = {}, {}
     for b in args.bits:  # all of W4A4 first: W6A6 is the part that may be cut short
         bits = Bits.parse(b)

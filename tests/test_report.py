@@ -168,3 +168,24 @@ def test_report_bad_input_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "the model rejects calibration inputs of shape (8, 3, 4, 4)" in err and len(err.splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".reparq-report-*"))
+
+
+def test_command_history_keeps_every_contributing_run_once_in_order():
+    from reparq.report.results import command_history
+
+    assert command_history("", "python b.py --seeds 1 ") == "python b.py --seeds 1"  # no empty first entry
+    history = command_history("python b.py; python b.py --seeds 1", "python b.py")
+    assert history == "python b.py; python b.py --seeds 1"  # a repeated run is not listed twice
+    assert command_history(history, "python b.py --seeds 2") == \
+        "python b.py; python b.py --seeds 1; python b.py --seeds 2"
+
+
+def test_top1_counts_the_per_image_hits():
+    from reparq.eval.accuracy import correct_predictions, top1
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(7, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    hits = correct_predictions(model, x, y, batch_size=3)  # batches of 3, 3 and 1
+    assert hits.dtype == torch.bool and hits.tolist() == (model(x).argmax(dim=1) == y).tolist()
+    assert top1(model, x, y, batch_size=3) == pytest.approx(100.0 * hits.sum().item() / 7)

@@ -147,7 +147,8 @@ def repquant(model: nn.Module, batches, config: QuantConfig, seed: int = 0, repo
         stats += [{**s, "unit": f"{s['unit']}:clip"} for s in clip_stats]
     fold_and_reinit(model, pairs, config, options)
     if options.iters > 0 or gptq:
-        stats += reconstruct(model, units, batches, recon_config(options, gptq=gptq, drop_prob=drop_prob), seed=seed + 1, reporter=reporter)
+        stats += reconstruct(model, units, batches, recon_config(options, gptq=gptq, drop_prob=drop_prob),
+                             seed=seed + 1, reporter=reporter)
     if options.to_log2:
         convert_logsqrt2_to_log2(model)
     model.reparq_recon_stats = stats

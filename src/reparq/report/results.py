@@ -24,6 +24,13 @@ def environment() -> dict:
     return env
 
 
+def command_history(previous: str, command: str) -> str:
+    """A results file's ``command`` after one more run: every invocation that contributed rows, in
+    order and once each, so that a table measured in pieces is reproduced by running them all."""
+    runs = [c for c in previous.split("; ") if c] + [command.strip()]
+    return "; ".join(dict.fromkeys(runs))
+
+
 def write_results(out_dir: str | Path, name: str, command: str, rows: list[dict], notes: str = "",
                   extra_sections: str = "", extra_columns: tuple[str, ...] = ()) -> tuple[Path, Path]:
     out_dir = Path(out_dir)

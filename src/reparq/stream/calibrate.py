@@ -174,7 +174,8 @@ def _phases(recipe: str, options, plan: Plan, w_bits: int, a_bits: int) -> list[
                                             learn_act_scale=False, drop_prob=0.0), 0))
     gptq = gptq_for(options, False, w_bits, a_bits)
     if options.iters > 0 or gptq:
-        phases.append(("weights", recon_config(options, gptq=gptq, drop_prob=drop_prob_for(options, image_inputs=False, a_bits=a_bits)), 1))
+        drop_prob = drop_prob_for(options, image_inputs=False, a_bits=a_bits)  # decoders read token ids
+        phases.append(("weights", recon_config(options, gptq=gptq, drop_prob=drop_prob), 1))
     return phases
 
 
