@@ -7,7 +7,10 @@ split; calibration uses 1024 seeded training images. Rep models are merged befor
 The run is resumable and incremental: the results file is rewritten after every row, rows
 already present (same model, recipe, bits, seed and the same FP accuracy, i.e. the same
 checkpoint) are kept and not re-run, so a long grid can be run in pieces (``--models``,
-``--recipes``, ``--seeds``) and survives interruption.
+``--recipes``, ``--seeds``) and survives interruption; ``--rerun`` measures the selected cells
+again. Each row records ``code``, the library source that measured it
+(:func:`reparq.report.results.source_version`), and each row's per-image right/wrong goes to
+``results/per_item/ptq_baselines.json`` for the paired tests of ``paired_significance.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
-from reparq.report.results import command_history, write_results
+from reparq.eval.significance import encode_hits
+from reparq.report.results import command_history, row_key, source_version, update_per_item, write_results
 from reparq.report.tables import mean_std
 from reparq.zoo import list_models, load_model
 
@@ -38,6 +42,14 @@ def _key(r: dict) -> tuple:
 def _sort_key(r: dict) -> tuple:
     order = RECIPE_ORDER.index(r["method"]) if r["method"] in RECIPE_ORDER else len(RECIPE_ORDER)
     return (r["model"], order, -r["w_bits"], -r["a_bits"], r["seed"] if r["seed"] is not None else -1)
+
+
+def code_versions(rows: list[dict]) -> str:
+    """How many rows each library source measured (rows from before ``code`` was recorded: 'unrecorded')."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("code") or "unrecorded"] = counts.get(r.get("code") or "unrecorded", 0) + 1
+    return "Rows by library source (`code`): " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
 
 
 def summary(rows: list[dict], bits: str = "W4A4") -> str:
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--name", default="ptq_baselines", help="results file name")
     parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--rerun", action="store_true", help="measure the selected cells even if present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = args.models or list_models()
@@ -83,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
     mine: list[dict] = []  # rows measured by this run
+    hits: dict[str, dict] = {}  # their per-image right/wrong, not yet on disk
     fps: dict[str, float] = {}
+    code = source_version()
 
     def save() -> None:
         # Several runs (other models, recipes or seeds) may write the same file at once: merge this
@@ -94,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in old["rows"] if _key(r) not in keys and fps.get(r["model"], r["fp"]) == r["fp"]] + mine
         rows.sort(key=_sort_key)
         write_results(args.out, args.name, command_history(old["command"], command), rows, NOTES,
-                      "\n\n".join(summary(rows, b) for b in ("W4A4", "W6A6")))
+                      "\n\n".join([*(summary(rows, b) for b in ("W4A4", "W6A6")), code_versions(rows)]))
+        if hits:
+            update_per_item(args.out, args.name, hits)
+            hits.clear()
+
+    def keep_hits(row: dict, correct) -> None:
+        row["code"] = code
+        hits[row_key(row)] = {"code": code, "images": int(correct.numel()), "hits": encode_hits(correct)}
 
     for name in models:
         model = load_model(name)
@@ -104,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             for recipe in args.recipes:
                 for b in args.bits:
                     bits = Bits.parse(b)
-                    done = {_key(r) for r in on_disk()["rows"] if r["fp"] == fp} | {_key(r) for r in mine}
+                    done = {_key(r) for r in mine}
+                    if not args.rerun:
+                        done |= {_key(r) for r in on_disk()["rows"] if r["fp"] == fp}
                     if (name, recipe, bits.w, bits.a, seed) in done:
                         continue
-                    new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp)
+                    new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,
+                                   on_hits=keep_hits)
                     print(new[0], flush=True)
                     mine.extend(new)
                     save()

