@@ -1,18 +1,24 @@
-"""Is any recipe significantly ahead of ``repquant`` on the zoo transformers? A paired test per cell.
+"""Is any recipe significantly ahead of ``repquant``, or behind it? A paired test per cell.
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paired_significance.py`` (default: DeiT and
-Swin at W8A8 / W6A6 / W4A8, seeds 0-2); writes benchmarks/results/paired_significance.{md,json}.
+Run: ``.venv/bin/python benchmarks/paired_significance.py`` (seconds: it re-measures nothing);
+writes benchmarks/results/paired_significance.{md,json}.
 
-A mean over three seeds that differs by 0.05 points is five of 10k test images, so the question
-the means cannot answer is whether such a gap is more than the test split's noise. For every cell
-where some recipe's mean (in ``ptq_baselines.json``) is at least ``repquant``'s, both are re-run
-on the same seeds (``reproduced``: whether every re-run row of the cell equals its committed one;
-rows measured at earlier commits can differ by a few images, and the test uses the re-runs), and
-each test image gets ``d = (seeds repquant classifies it right) - (seeds the rival
-does)``. Images are independent draws and seeds are not, so the test is over images: an exact
-two-sided sign test on the images with ``d != 0`` (McNemar's exact test, pooled over seeds
-without counting one image twice; :mod:`reparq.eval.significance`). ``p_value`` is its p;
-``rival_ahead`` / ``repquant_ahead`` count the images each side wins.
+A mean over three seeds that differs by 0.05 points is five of 10k test images (and a perplexity
+gap of 0.01 is a thousandth of one held-out window's spread), so the question the means cannot
+answer is whether such a gap is more than the test set's noise. The benchmarks keep each row's
+per-item scores (``results/per_item/``: per-image right/wrong for the zoo, per-window mean NLL for
+llama_fm, per-sentence cosine for MiniLM), so every committed row can be compared item by item
+with ``repquant``'s row of the same cell and seed, with no second run.
+
+Per cell and rival, over the seeds both have per-item scores for, each test item gets
+``d = score(repquant) - score(rival)`` summed over the seeds (score: images right; minus the
+window's NLL; the sentence's cosine). Items are independent draws and seeds are not, so the tests
+are over items: ``p_sign``, the exact two-sided sign test on the items with ``d != 0``
+(for images, McNemar's exact test pooled over seeds without counting one image twice), with
+``rival_ahead`` / ``repquant_ahead`` the items each side wins; and ``p_mean``, a seeded
+sign-flip randomization test of the mean of ``d`` (the question a mean metric such as perplexity
+asks; :mod:`reparq.eval.significance`). ``same_code``: whether every compared row was measured by
+one library source.
 """
 
 from __future__ import annotations
@@ -25,99 +31,83 @@ from pathlib import Path
 
 import torch
 
-from reparq.data import calibration_subset, load_fashion_mnist
-from reparq.eval.accuracy import correct_predictions, top1
-from reparq.eval.grid import Bits, run_grid
-from reparq.eval.significance import paired_sign_test
-from reparq.report.results import command_history, write_results
-from reparq.zoo import load_model
+from reparq.eval.significance import decode_hits, paired_sign_test, sign_flip_p
+from reparq.report.results import load_per_item, row_key, write_results
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE = "repquant"
-RIVALS = ("minmax", "percentile", "mse", "brecq", "qdrop", "repqvit")
+RIVALS = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit")
+# benchmark -> (metric of its rows, how a per-item entry becomes a score where higher is better)
+SOURCES = {
+    "ptq_baselines": ("top1", lambda e: decode_hits(e["hits"], e["images"]).double()),
+    "transformers_real": (None, lambda e: -torch.tensor(e["nll"], dtype=torch.float64) if "nll" in e
+                          else torch.tensor(e["cosine"], dtype=torch.float64)),
+}
+TEXT_METRIC = {"llama_fm": "perplexity", "minilm": "cosine"}
 
 
-def rivals_to_test(rows: list[dict], model: str, bits: Bits, seeds: list[int], recipes: list[str]) -> list[str]:
-    """The recipes whose committed mean delta over ``seeds`` is at least ``repquant``'s."""
-    def mean(method: str) -> float | None:
-        deltas = [r["delta"] for r in rows if r["model"] == model and r["method"] == method
-                  and (r["w_bits"], r["a_bits"]) == (bits.w, bits.a) and r["seed"] in seeds]
-        return statistics.mean(deltas) if len(deltas) == len(seeds) else None
+def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: tuple[int, int], rival: str,
+            metric: str) -> dict | None:
+    """The paired row of ``rival`` against repquant in one cell, or None without common per-item seeds."""
+    def cell(method: str) -> dict[int, dict]:
+        return {r["seed"]: r for r in rows if r["model"] == model and r["method"] == method
+                and (r["w_bits"], r["a_bits"]) == bits and r["metric"] == metric and row_key(r) in items}
 
-    ref = mean(REFERENCE)
-    if ref is None:
-        raise SystemExit(f"{model} {bits}: ptq_baselines.json lacks repquant rows for seeds {seeds}; run it first")
-    return [m for m in recipes if (v := mean(m)) is not None and v >= ref]
+    ours, theirs = cell(REFERENCE), cell(rival)
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return None
+
+    def pooled(cell_rows: dict[int, dict]) -> torch.Tensor:
+        return sum(score(items[row_key(cell_rows[s])]) for s in seeds)
+
+    a, b = pooled(ours), pooled(theirs)
+    sign = paired_sign_test(a, b)
+    compared = [ours[s] for s in seeds] + [theirs[s] for s in seeds]
+    codes = {items[row_key(r)].get("code") for r in compared}
+    theirs_rows = [theirs[s] for s in seeds]
+    return {"model": model, "method": rival, "w_bits": bits[0], "a_bits": bits[1], "metric": metric,
+            "fp": theirs_rows[0]["fp"], "quant": round(statistics.mean(r["quant"] for r in theirs_rows), 3),
+            "delta": round(statistics.mean(r["delta"] for r in theirs_rows), 3),
+            "repquant_delta": round(statistics.mean(ours[s]["delta"] for s in seeds), 3),
+            "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": round(sign.p_value, 4),
+            "p_mean": round(sign_flip_p(a, b), 4), "same_code": len(codes) == 1 and None not in codes,
+            "calib_seconds": round(statistics.mean(r["calib_seconds"] for r in theirs_rows), 2),
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in theirs_rows), "seed": None, "seeds": seeds}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm"])
-    parser.add_argument("--bits", nargs="*", default=["W8A8", "W6A6", "W4A8"])
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="*", default=list(RIVALS), help="rivals considered")
-    parser.add_argument("--baselines", type=Path, default=RESULTS / "ptq_baselines.json")
+    parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm", "llama_fm", "minilm"])
+    parser.add_argument("--recipes", nargs="*", default=list(RIVALS), help="rivals compared with repquant")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the benchmarks' results are")
     parser.add_argument("--name", default="paired_significance")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    committed = json.loads(args.baselines.read_text())["rows"]
-    test_x, test_y = load_fashion_mnist("test")
+    out_rows: list[dict] = []
+    for source, (metric, score) in SOURCES.items():
+        path = args.results / f"{source}.json"
+        if not path.exists():
+            continue
+        rows, items = json.loads(path.read_text())["rows"], load_per_item(args.results, source)
+        for model in args.models:
+            model_metric = metric or TEXT_METRIC.get(model)
+            cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
+                            and r["method"] == REFERENCE}, reverse=True)
+            for bits in cells:
+                for rival in args.recipes:
+                    if (row := compare(rows, items, score, model, bits, rival, model_metric)) is not None:
+                        out_rows.append(row)
+                        print(row, flush=True)
+    if not out_rows:
+        raise SystemExit(f"no per-item scores under {args.results / 'per_item'}: run ptq_baselines.py or "
+                         "transformers_real.py first")
     command = "python benchmarks/paired_significance.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows: list[dict] = []
-
-    path = args.out / f"{args.name}.json"
-
-    def save() -> None:
-        # Runs over other models may write the same file at once: merge this run's rows into it.
-        old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-        key = lambda r: (r["model"], r["method"], r["w_bits"], r["a_bits"])  # noqa: E731
-        mine = {key(r) for r in rows}
-        merged = sorted([r for r in old["rows"] if key(r) not in mine] + rows,
-                        key=lambda r: (r["model"], -r["w_bits"], -r["a_bits"], r["method"]))
-        commands = command_history(old["command"], command)
-        notes = __doc__.split("\n\n", 1)[1].strip() + (
-            "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points); "
-            "calib_seconds / peak_mem_mb are the rival's mean / max.")
-        write_results(args.out, args.name, commands, merged, notes,
-                      extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_value", "reproduced"))
-
-    for name in args.models:
-        model = load_model(name)
-        fp = round(top1(model, test_x, test_y), 2)
-        for b in map(Bits.parse, args.bits):
-            rivals = rivals_to_test(committed, name, b, args.seeds, args.recipes)
-            if not rivals:
-                print(f"{name} {b}: repquant's mean is ahead of every rival; nothing to test", flush=True)
-                continue
-            wins: dict[str, torch.Tensor] = {}  # per method: per-image count of seeds classified right
-            measured: dict[str, list[dict]] = {}
-            for seed in args.seeds:
-                calib = calibration_subset(1024, seed=seed)
-                for method in [REFERENCE, *rivals]:
-                    def keep(row: dict, qmodel: torch.nn.Module, method: str = method) -> None:
-                        hits = correct_predictions(qmodel, test_x, test_y).long()
-                        wins[method] = wins.get(method, torch.zeros_like(hits)) + hits
-                        measured.setdefault(method, []).append(row)
-
-                    run_grid(model, name, calib, test_x, test_y, [method], [b], seeds=(seed,), fp=fp, on_model=keep)
-            old = {(r["method"], r["seed"]): r["delta"] for r in committed if r["model"] == name
-                   and (r["w_bits"], r["a_bits"]) == (b.w, b.a)}
-            same = all(old.get((m, r["seed"])) == r["delta"] for m, rs in measured.items() for r in rs)
-            ref_delta = round(statistics.mean(r["delta"] for r in measured[REFERENCE]), 3)
-            for method in rivals:
-                test = paired_sign_test(wins[REFERENCE], wins[method])
-                rs = measured[method]
-                row = {"model": name, "method": method, "w_bits": b.w, "a_bits": b.a, "metric": "top1", "fp": fp,
-                       "quant": round(statistics.mean(r["quant"] for r in rs), 3),
-                       "delta": round(statistics.mean(r["delta"] for r in rs), 3), "repquant_delta": ref_delta,
-                       "rival_ahead": test.b_ahead, "repquant_ahead": test.a_ahead,
-                       "p_value": round(test.p_value, 4), "reproduced": same,
-                       "calib_seconds": round(statistics.mean(r["calib_seconds"] for r in rs), 2),
-                       "peak_mem_mb": max(r["peak_mem_mb"] for r in rs), "seed": None, "seeds": list(args.seeds)}
-                rows.append(row)
-                print(row, flush=True)
-            save()
-    save()
+    notes = __doc__.split("\n\n", 1)[1].strip() + (
+        "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points, perplexity, "
+        "cosine); calib_seconds / peak_mem_mb are the rival's mean / max.")
+    write_results(args.out, args.name, command, out_rows, notes,
+                  extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "same_code"))
     return 0
 
 

@@ -189,3 +189,50 @@ def test_top1_counts_the_per_image_hits():
     hits = correct_predictions(model, x, y, batch_size=3)  # batches of 3, 3 and 1
     assert hits.dtype == torch.bool and hits.tolist() == (model(x).argmax(dim=1) == y).tolist()
     assert top1(model, x, y, batch_size=3) == pytest.approx(100.0 * hits.sum().item() / 7)
+
+
+def test_source_version_is_the_library_trees_hash_and_marks_uncommitted_changes(tmp_path):
+    import subprocess
+
+    from reparq.report.results import source_version
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert source_version(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "src" / "reparq").mkdir(parents=True)
+    (tmp_path / "src" / "reparq" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    tree = git("rev-parse", "HEAD:src/reparq")[:12]
+    assert source_version(tmp_path) == tree
+    (tmp_path / "notes.md").write_text("outside the library\n")  # other files do not matter
+    assert source_version(tmp_path) == tree
+    (tmp_path / "src" / "reparq" / "a.py").write_text("x = 2\n")
+    assert source_version(tmp_path) == tree + "+dirty"
+
+
+def test_per_item_scores_merge_with_what_another_run_wrote(tmp_path):
+    from reparq.report.results import load_per_item, row_key, update_per_item
+
+    row = {"model": "m", "method": "minmax", "w_bits": 4, "a_bits": 8, "seed": 1}
+    assert row_key(row) == "m|minmax|W4A8|seed1" and load_per_item(tmp_path, "b") == {}
+    update_per_item(tmp_path, "b", {"k1": {"nll": [1.0]}})
+    update_per_item(tmp_path, "b", {"k2": {"nll": [2.0]}})  # a second process: k1 kept
+    update_per_item(tmp_path, "b", {"k1": {"nll": [3.0]}})  # re-measured: replaced
+    assert load_per_item(tmp_path, "b") == {"k1": {"nll": [3.0]}, "k2": {"nll": [2.0]}}
+
+
+def test_run_grid_hands_on_the_hits_its_row_counts():
+    from reparq.eval.grid import Bits, run_grid
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    seen = []
+    rows = run_grid(model, "mlp", x[:16], x, y, ["minmax"], [Bits(4, 4)], on_hits=lambda r, h: seen.append((r, h)))
+    (row, hits), = seen
+    assert row is rows[0] and hits.shape == (40,) and hits.dtype == torch.bool
+    assert row["quant"] == round(100.0 * hits.sum().item() / 40, 2)

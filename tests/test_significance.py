@@ -1,11 +1,14 @@
-"""The paired test behind benchmarks/paired_significance.py: exact binomial tails, images counted once."""
+"""The paired tests behind benchmarks/paired_significance.py: exact binomial tails, items counted
+once, the sign-flip test of the mean, and the per-image hits the benchmarks keep for them."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from reparq.eval.significance import paired_sign_test, sign_test_p
+from reparq.eval.significance import decode_hits, encode_hits, paired_sign_test, sign_flip_p, sign_test_p
 
 
 def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
@@ -22,5 +25,62 @@ def test_paired_sign_test_counts_each_image_once_for_the_side_ahead_on_it():
     result = paired_sign_test(a, b)
     assert (result.a_ahead, result.b_ahead) == (2, 1)  # not the seed totals (3 and 1)
     assert result.p_value == sign_test_p(2, 1) == 1.0
-    with pytest.raises(ValueError, match="same images"):
+    with pytest.raises(ValueError, match="same items"):
         paired_sign_test(a, b[:3])
+
+
+def test_paired_sign_test_takes_float_scores_and_refuses_mismatched_items():
+    nll_a, nll_b = torch.tensor([4.10, 4.20, 4.30]), torch.tensor([4.15, 4.20, 4.25])
+    result = paired_sign_test(-nll_a, -nll_b)  # lower NLL is better: window 0 for A, window 2 for B
+    assert (result.a_ahead, result.b_ahead) == (1, 1)
+    with pytest.raises(ValueError, match="same items"):
+        paired_sign_test(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_sign_flip_p_estimates_the_exact_randomization_tail():
+    # Differences 1, 2, 3, 4: of the 16 sign patterns only all-plus and all-minus reach |sum| = 10.
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.zeros(4)
+    assert sign_flip_p(a, b, rounds=20000) == pytest.approx(2 / 16, abs=0.01)
+    assert sign_flip_p(a, b, rounds=500, seed=3) == sign_flip_p(a, b, rounds=500, seed=3)  # seeded
+    assert sign_flip_p(b, b) == 1.0  # no difference at all
+    shifted = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    assert sign_flip_p(shifted + 1.0, shifted, rounds=1000) == pytest.approx(1 / 1001)  # never as extreme
+
+
+def test_hits_survive_encoding_and_a_wrong_count_is_refused():
+    hits = torch.rand(10001, generator=torch.Generator().manual_seed(0)) > 0.3
+    text = encode_hits(hits)
+    assert len(text) < 10001 / 8 * 4 / 3 + 4  # packed bits, base64
+    assert torch.equal(decode_hits(text, 10001), hits)
+    with pytest.raises(ValueError, match="not 10009 images"):
+        decode_hits(text, 10009)
+
+
+def _paired_benchmark():
+    path = Path(__file__).parents[1] / "benchmarks" / "paired_significance.py"
+    spec = importlib.util.spec_from_file_location("paired_significance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
+    from reparq.report.results import row_key
+
+    bench = _paired_benchmark()
+    hits = {("repquant", 0): [1, 1, 0, 0], ("repquant", 1): [1, 0, 1, 0],
+            ("qdrop", 0): [1, 0, 0, 1], ("qdrop", 1): [0, 0, 0, 1], ("qdrop", 2): [1, 1, 1, 1]}
+    rows, items = [], {}
+    for (method, seed), h in hits.items():
+        row = {"model": "m", "method": method, "w_bits": 8, "a_bits": 8, "metric": "top1", "fp": 90.0,
+               "quant": 25.0 * sum(h), "delta": 25.0 * sum(h) - 90.0, "calib_seconds": 1.0, "peak_mem_mb": 1.0,
+               "seed": seed}
+        rows.append(row)
+        items[row_key(row)] = {"code": "abc", "images": 4, "hits": encode_hits(torch.tensor(h, dtype=torch.bool))}
+    score = bench.SOURCES["ptq_baselines"][1]
+    out = bench.compare(rows, items, score, "m", (8, 8), "qdrop", "top1")
+    # Seeds 0 and 1 only (qdrop's seed 2 has no repquant twin): per image repquant 2,1,1,0 vs qdrop 1,0,0,2.
+    assert out["seeds"] == [0, 1] and (out["repquant_ahead"], out["rival_ahead"]) == (3, 1)
+    assert out["p_sign"] == pytest.approx(sign_test_p(3, 1), abs=1e-4) and out["same_code"] is True
+    assert out["delta"] == pytest.approx((25.0 * 2 - 90.0 + 25.0 - 90.0) / 2)
+    assert bench.compare(rows, items, score, "m", (8, 8), "minmax", "top1") is None

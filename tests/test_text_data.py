@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from reparq.data import text
 from reparq.errors import ReparqError
-from reparq.eval.text_metrics import embedding_cosine, nearest_neighbours, perplexity, retrieval_agreement
+from reparq.eval.text_metrics import (embedding_cosine, nearest_neighbours, perplexity, retrieval_agreement,
+                                     window_nll)
 
 HTML = """<html><head><title>t</title><style>p { color: red }</style></head><body>
 <h1>Title is not a paragraph</h1>
@@ -134,6 +135,15 @@ def test_perplexity_exact_on_known_distributions():
     assert perplexity(_FixedLM(logits), torch.zeros(3, 5, dtype=torch.long)) == pytest.approx(2.0, rel=1e-6)
     with pytest.raises(ReparqError):
         perplexity(_FixedLM(torch.zeros(8)), torch.zeros(3, 1, dtype=torch.long))
+
+
+def test_window_nll_is_each_windows_own_mean_and_perplexity_their_exp_mean():
+    # Window 0 is all token 0 (probability 1/2 each), window 1 all token 1 (probability 1/14).
+    logits = torch.log(torch.tensor([0.5] + [0.5 / 7] * 7))
+    ids = torch.stack([torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)])
+    nll = window_nll(_FixedLM(logits), ids, batch_size=1)
+    assert nll.dtype == torch.float64 and nll.tolist() == pytest.approx([math.log(2), math.log(14)], rel=1e-6)
+    assert perplexity(_FixedLM(logits), ids) == pytest.approx(math.sqrt(2 * 14), rel=1e-6)  # exp(mean log)
 
 
 # ---------------------------------------------------------------------------------------------
