@@ -76,6 +76,25 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
             "peak_mem_mb": max(r["peak_mem_mb"] for r in theirs_rows), "seed": None, "seeds": seeds}
 
 
+def rival_ahead_summary(rows: list[dict]) -> str:
+    """The cells where a rival's mean is better than repquant's, with both tests' p."""
+    def better(r: dict) -> bool:  # perplexity: lower is better
+        return r["delta"] < r["repquant_delta"] if r["metric"] == "perplexity" else r["delta"] > r["repquant_delta"]
+
+    ahead = [r for r in rows if better(r)]
+    lines = ["## Cells where a rival's mean is better than repquant's", ""]
+    if not ahead:
+        return "\n".join(lines + ["None: repquant's mean is at least every rival's in every cell compared."])
+    lines += ["| model | W/A | rival | rival Δ | repquant Δ | items rival / repquant ahead | p_sign | p_mean |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['method']} | {r['delta']:+g} | "
+              f"{r['repquant_delta']:+g} | {r['rival_ahead']} / {r['repquant_ahead']} | {r['p_sign']:g} | "
+              f"{r['p_mean']:g} |" for r in ahead]
+    low = min(min(r["p_sign"], r["p_mean"]) for r in ahead)
+    return "\n".join(lines + ["", f"Smallest p among them: {low:g} (over {len(ahead)} comparisons, before any "
+                                   "correction for testing many)."])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm", "llama_fm", "minilm"])
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = __doc__.split("\n\n", 1)[1].strip() + (
         "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points, perplexity, "
         "cosine); calib_seconds / peak_mem_mb are the rival's mean / max.")
-    write_results(args.out, args.name, command, out_rows, notes,
+    write_results(args.out, args.name, command, out_rows, notes, rival_ahead_summary(out_rows),
                   extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "same_code"))
     return 0
 
