@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if not out_rows:
         raise SystemExit(f"no per-item scores under {args.results / 'per_item'}: run ptq_baselines.py or "
                          "transformers_real.py first")
-    command = "python benchmarks/paired_significance.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/paired_significance.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     notes = __doc__.split("\n\n", 1)[1].strip() + (
         "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points, perplexity, "
         "cosine); calib_seconds / peak_mem_mb are the rival's mean / max.")
