@@ -17,6 +17,8 @@ def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
     assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
     assert sign_test_p(2, 8) == pytest.approx(2 * sum(math.comb(10, k) for k in range(3)) / 1024)  # 0.1094
     assert sign_test_p(20, 40) < 0.05 < sign_test_p(25, 35)  # 60 discordant images: 20/40 is significant, 25/35 not
+    assert sign_test_p(1000, 1100) == pytest.approx(0.0309, abs=1e-3)  # 2100 items: past a float's 2 ** 1023
+    assert sign_test_p(100, 3000) == 0.0  # underflows to zero, does not overflow
 
 
 def test_paired_sign_test_counts_each_image_once_for_the_side_ahead_on_it():

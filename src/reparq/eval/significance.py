@@ -24,8 +24,8 @@ def sign_test_p(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)  # integers: a float 2.0 ** n overflows past 1023 discordant items
 
 
 @dataclass(frozen=True)
