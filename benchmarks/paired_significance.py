@@ -1,10 +1,11 @@
 """Is any recipe significantly ahead of ``repquant``, or behind it? A paired test per cell.
 
-Run: ``.venv/bin/python benchmarks/paired_significance.py`` (seconds: it re-measures nothing);
-writes benchmarks/results/paired_significance.{md,json}.
+Run: ``.venv/bin/python benchmarks/paired_significance.py`` (about 3 minutes on 2 cores, nearly
+all of it the sign-flip draws: it re-measures nothing); writes
+benchmarks/results/paired_significance.{md,json}.
 
 A mean over three seeds that differs by 0.05 points is five of 10k test images (and a perplexity
-gap of 0.01 is a thousandth of one held-out window's spread), so the question the means cannot
+gap of 0.01 on llama_fm is a five-thousandth of the spread of one held-out window's mean NLL), so the question the means cannot
 answer is whether such a gap is more than the test set's noise. The benchmarks keep each row's
 per-item scores (``results/per_item/``: per-image right/wrong for the zoo, per-window mean NLL for
 llama_fm, per-sentence cosine for MiniLM), so every committed row can be compared item by item

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from reparq.data import calibration_subset, load_fashion_mnist
@@ -46,9 +47,7 @@ def _sort_key(r: dict) -> tuple:
 
 def code_versions(rows: list[dict]) -> str:
     """How many rows each library source measured (rows from before ``code`` was recorded: 'unrecorded')."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.get("code") or "unrecorded"] = counts.get(r.get("code") or "unrecorded", 0) + 1
+    counts = Counter(r.get("code") or "unrecorded" for r in rows)
     return "Rows by library source (`code`): " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
 
 
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
             hits.clear()
 
     def keep_hits(row: dict, correct) -> None:
-        row["code"] = code
         hits[row_key(row)] = {"code": code, "images": int(correct.numel()), "hits": encode_hits(correct)}
 
     for name in models:
@@ -133,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,
                                    on_hits=keep_hits)
+                    for r in new:
+                        r["code"] = code
                     print(new[0], flush=True)
                     mine.extend(new)
                     save()

@@ -81,13 +81,11 @@ class MiniLMTask:
 
     def measure(self, qmodel, bits: str) -> tuple[list[dict], dict]:
         """The rows, and the per-item scores (here each sentence's cosine) for paired tests."""
-        import torch.nn.functional as F
-
-        from reparq.eval.text_metrics import embedding_cosine, retrieval_agreement
+        from reparq.eval.text_metrics import retrieval_agreement, sentence_cosines
 
         q_emb = self._embed(qmodel, self.eval_batches)
-        cos = embedding_cosine(self.fp_emb, q_emb)
-        per_sentence = F.cosine_similarity(self.fp_emb.double(), q_emb.double(), dim=1)
+        per_sentence = sentence_cosines(self.fp_emb, q_emb)
+        cos = per_sentence.mean().item()
         agree = 100.0 * retrieval_agreement(self.fp_emb, q_emb)
         target = COSINE_TARGET.get(bits)
         return [{"metric": "cosine", "value": f"{cos:.5f}", "fp": 1.0, "quant": round(cos, 5), "delta": round(cos - 1.0, 5),

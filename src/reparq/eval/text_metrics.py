@@ -25,10 +25,15 @@ def _check_pair(fp: torch.Tensor, quant: torch.Tensor) -> None:
                           f"got {tuple(fp.shape)} and {tuple(quant.shape)}")
 
 
+def sentence_cosines(fp: torch.Tensor, quant: torch.Tensor) -> torch.Tensor:
+    """cos(fp_i, quant_i) per sentence (float64, [N]): the items a paired test compares."""
+    _check_pair(fp, quant)
+    return F.cosine_similarity(fp.double(), quant.double(), dim=1)
+
+
 def embedding_cosine(fp: torch.Tensor, quant: torch.Tensor) -> float:
     """Mean over sentences of cos(fp_i, quant_i)."""
-    _check_pair(fp, quant)
-    return F.cosine_similarity(fp.double(), quant.double(), dim=1).mean().item()
+    return sentence_cosines(fp, quant).mean().item()
 
 
 def nearest_neighbours(emb: torch.Tensor) -> torch.Tensor:
