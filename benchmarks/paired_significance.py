@@ -18,7 +18,10 @@ are over items: ``p_sign``, the exact two-sided sign test on the items with ``d 
 (for images, McNemar's exact test pooled over seeds without counting one image twice), with
 ``rival_ahead`` / ``repquant_ahead`` the items each side wins; and ``p_mean``, a seeded
 sign-flip randomization test of the mean of ``d`` (the question a mean metric such as perplexity
-asks; :mod:`reparq.eval.significance`). ``same_code``: whether every compared row was measured by
+asks; :mod:`reparq.eval.significance`). ``rival_lead``: the rival's mean lead over repquant
+per seed in the metric's units (top-1 points, perplexity, cosine; positive: the rival is
+better), and ``lead_high`` the upper end of its 95% interval over items: the largest lead the test
+set still allows, so "repquant is at least as good" holds to within that margin. ``same_code``: whether every compared row was measured by
 one library source.
 """
 
@@ -26,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from reparq.eval.significance import decode_hits, paired_sign_test, sign_flip_p
+from reparq.eval.significance import decode_hits, mean_difference_interval, paired_sign_test, sign_flip_p
 from reparq.report.results import load_per_item, row_key, write_results
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,6 +49,18 @@ SOURCES = {
                           else torch.tensor(e["cosine"], dtype=torch.float64)),
 }
 TEXT_METRIC = {"llama_fm": "perplexity", "minilm": "cosine"}
+
+
+def lead_in_metric(gap: float, metric: str, reference: float) -> float:
+    """A rival's lead over repquant in the metric's own units, from ``gap``, the mean per-item score
+    difference per seed (rival minus repquant; the score being an image's hit, minus a window's
+    NLL, a sentence's cosine). Positive: the rival is better. ``reference``: repquant's mean
+    metric, which a perplexity lead scales with (the rival's perplexity is ``reference * exp(-gap)``)."""
+    if metric == "top1":
+        return 100.0 * gap
+    if metric == "perplexity":
+        return reference * (1.0 - math.exp(-gap))
+    return gap
 
 
 def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: tuple[int, int], rival: str,
@@ -64,6 +80,8 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
 
     a, b = pooled(ours), pooled(theirs)
     sign = paired_sign_test(a, b)
+    gap, _, gap_high = mean_difference_interval(b / len(seeds), a / len(seeds))
+    reference = statistics.mean(ours[s]["quant"] for s in seeds)
     compared = [ours[s] for s in seeds] + [theirs[s] for s in seeds]
     codes = {items[row_key(r)].get("code") for r in compared}
     theirs_rows = [theirs[s] for s in seeds]
@@ -72,7 +90,9 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
             "delta": round(statistics.mean(r["delta"] for r in theirs_rows), 3),
             "repquant_delta": round(statistics.mean(ours[s]["delta"] for s in seeds), 3),
             "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": round(sign.p_value, 4),
-            "p_mean": round(sign_flip_p(a, b), 4), "same_code": len(codes) == 1 and None not in codes,
+            "p_mean": round(sign_flip_p(a, b), 4),
+            "rival_lead": round(lead_in_metric(gap, metric, reference), 4),
+            "lead_high": round(lead_in_metric(gap_high, metric, reference), 4), "same_code": len(codes) == 1 and None not in codes,
             "calib_seconds": round(statistics.mean(r["calib_seconds"] for r in theirs_rows), 2),
             "peak_mem_mb": max(r["peak_mem_mb"] for r in theirs_rows), "seed": None, "seeds": seeds}
 
@@ -94,6 +114,24 @@ def rival_ahead_summary(rows: list[dict]) -> str:
     low = min(min(r["p_sign"], r["p_mean"]) for r in ahead)
     return "\n".join(lines + ["", f"Smallest p among them: {low:g} (over {len(ahead)} comparisons, before any "
                                    "correction for testing many)."])
+
+
+def margin_summary(rows: list[dict]) -> str:
+    """Per cell, the largest lead over repquant that the test items still allow any rival (the
+    upper end of its 95% interval): the margin within which "repquant is at least as good" holds."""
+    units = {"top1": "top-1 points", "perplexity": "perplexity", "cosine": "cosine"}
+    lines = ["## How far a rival could still be ahead (non-inferiority margin)", "",
+             "Per cell, the rival whose 95% interval of the lead over repquant reaches furthest (lead: rival "
+             "better by, in the metric's units; mean per seed over the seeds compared).", "",
+             "| model | W/A | units | rival | mean lead | 95% upper bound |", "|---|---|---|---|---|---|"]
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["w_bits"], r["a_bits"])
+        if key not in cells or r["lead_high"] > cells[key]["lead_high"]:
+            cells[key] = r
+    lines += [f"| {m} | W{w}A{a} | {units.get(r['metric'], r['metric'])} | {r['method']} | {r['rival_lead']:+.4g} | "
+              f"{r['lead_high']:+.4g} |" for (m, w, a), r in cells.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = __doc__.split("\n\n", 1)[1].strip() + (
         "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points, perplexity, "
         "cosine); calib_seconds / peak_mem_mb are the rival's mean / max.")
-    write_results(args.out, args.name, command, out_rows, notes, rival_ahead_summary(out_rows),
-                  extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "same_code"))
+    write_results(args.out, args.name, command, out_rows, notes, rival_ahead_summary(out_rows) + "\n\n" + margin_summary(out_rows),
+                  extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "rival_lead",
+                                 "lead_high", "same_code"))
     return 0
 
 
