@@ -21,7 +21,9 @@ sign-flip randomization test of the mean of ``d`` (the question a mean metric su
 asks; :mod:`reparq.eval.significance`). ``rival_lead``: the rival's mean lead over repquant
 per seed in the metric's units (top-1 points, perplexity, cosine; positive: the rival is
 better), and ``lead_high`` the upper end of its 95% interval over items: the largest lead the test
-set still allows, so "repquant is at least as good" holds to within that margin. ``same_code``: whether every compared row was measured by
+set still allows, so "repquant is at least as good" holds to within that margin. ``flips`` /
+``repquant_flips`` (zoo only): test images whose right/wrong differs from the float model's, mean
+per seed, with ``p_flips`` the sign test of fewer flips per image. ``same_code``: whether every compared row was measured by
 one library source.
 """
 
@@ -64,8 +66,12 @@ def lead_in_metric(gap: float, metric: str, reference: float) -> float:
 
 
 def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: tuple[int, int], rival: str,
-            metric: str) -> dict | None:
-    """The paired row of ``rival`` against repquant in one cell, or None without common per-item seeds."""
+            metric: str, fp_score: torch.Tensor | None = None) -> dict | None:
+    """The paired row of ``rival`` against repquant in one cell, or None without common per-item seeds.
+
+    ``fp_score``: the float model's per-item score (its hits), for the flips: items whose score
+    differs from the float model's, per seed (fidelity to the float model, which top-1 nets out:
+    a recipe can match FP's top-1 while getting different images right)."""
     def cell(method: str) -> dict[int, dict]:
         return {r["seed"]: r for r in rows if r["model"] == model and r["method"] == method
                 and (r["w_bits"], r["a_bits"]) == bits and r["metric"] == metric and row_key(r) in items}
@@ -75,10 +81,11 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
     if not seeds:
         return None
 
-    def pooled(cell_rows: dict[int, dict]) -> torch.Tensor:
-        return sum(score(items[row_key(cell_rows[s])]) for s in seeds)
+    def per_seed(cell_rows: dict[int, dict]) -> list[torch.Tensor]:
+        return [score(items[row_key(cell_rows[s])]) for s in seeds]
 
-    a, b = pooled(ours), pooled(theirs)
+    ours_scores, theirs_scores = per_seed(ours), per_seed(theirs)
+    a, b = sum(ours_scores), sum(theirs_scores)
     sign = paired_sign_test(a, b)
     gap, _, gap_high = mean_difference_interval(b / len(seeds), a / len(seeds))
     reference = statistics.mean(ours[s]["quant"] for s in seeds)
@@ -92,9 +99,61 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
             "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": round(sign.p_value, 4),
             "p_mean": round(sign_flip_p(a, b), 4),
             "rival_lead": round(lead_in_metric(gap, metric, reference), 4),
-            "lead_high": round(lead_in_metric(gap_high, metric, reference), 4), "same_code": len(codes) == 1 and None not in codes,
+            "lead_high": round(lead_in_metric(gap_high, metric, reference), 4),
+            **flips_columns(ours_scores, theirs_scores, fp_score), "same_code": len(codes) == 1 and None not in codes,
             "calib_seconds": round(statistics.mean(r["calib_seconds"] for r in theirs_rows), 2),
             "peak_mem_mb": max(r["peak_mem_mb"] for r in theirs_rows), "seed": None, "seeds": seeds}
+
+
+def flips_columns(ours: list[torch.Tensor], theirs: list[torch.Tensor], fp_score: torch.Tensor | None) -> dict:
+    """Mean flips per seed of repquant and the rival against the float model, and the sign test's p
+    of fewer flips per item (pooled over seeds); None without the float model's scores."""
+    if fp_score is None:
+        return {"flips": None, "repquant_flips": None, "p_flips": None}
+    ours_flips = sum((s != fp_score).double() for s in ours)
+    theirs_flips = sum((s != fp_score).double() for s in theirs)
+    return {"flips": round(float(theirs_flips.sum()) / len(theirs), 1),
+            "repquant_flips": round(float(ours_flips.sum()) / len(ours), 1),
+            "p_flips": round(paired_sign_test(-ours_flips, -theirs_flips).p_value, 4)}
+
+
+def flips_summary(rows: list[dict]) -> str:
+    """Per cell with the float model's hits: repquant's flips, the rival with the fewest, and where
+    repquant ranks."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("flips") is not None:
+            cells.setdefault((r["model"], r["w_bits"], r["a_bits"]), []).append(r)
+    if not cells:
+        return ""
+    lines = ["## Fidelity to the float model: flips", "",
+             "Test images whose right/wrong differs from the float model's, mean per seed (lower: closer to "
+             "FP; top-1 counts the two directions against each other, flips add them). p_flips: sign test "
+             "over images of the flips pooled over the seeds compared.", "",
+             "| model | W/A | repquant flips | rival with the fewest | its flips | p_flips | repquant's rank |",
+             "|---|---|---|---|---|---|---|"]
+    for (m, w, a), rs in cells.items():
+        best = min(rs, key=lambda r: r["flips"])
+        ours = statistics.mean(r["repquant_flips"] for r in rs)
+        rank = 1 + sum(r["flips"] < r["repquant_flips"] for r in rs)
+        lines.append(f"| {m} | W{w}A{a} | {ours:.1f} | {best['method']} | {best['flips']:.1f} | {best['p_flips']:g} | "
+                     f"{rank} of {len(rs) + 1} |")
+    return "\n".join(lines)
+
+
+def float_hits(model: str, rows: list[dict]) -> torch.Tensor:
+    """The float zoo model's per-image hits on the test split, checked against the rows' FP top-1
+    (the same checkpoint measured them)."""
+    from reparq.data import load_fashion_mnist
+    from reparq.eval.accuracy import correct_predictions
+    from reparq.zoo import load_model
+
+    images, labels = load_fashion_mnist("test")
+    hits = correct_predictions(load_model(model), images, labels)
+    fp = {r["fp"] for r in rows if r["model"] == model}
+    if fp != {round(100.0 * float(hits.double().mean()), 2)}:
+        raise SystemExit(f"{model}: the float model's top-1 is not the rows' FP {sorted(fp)}: another checkpoint")
+    return hits.double()
 
 
 def rival_ahead_summary(rows: list[dict]) -> str:
@@ -152,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             model_metric = metric or TEXT_METRIC.get(model)
             cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
                             and r["method"] == REFERENCE}, reverse=True)
+            fp_score = float_hits(model, rows) if source == "ptq_baselines" and cells else None
             for bits in cells:
                 for rival in args.recipes:
-                    if (row := compare(rows, items, score, model, bits, rival, model_metric)) is not None:
+                    if (row := compare(rows, items, score, model, bits, rival, model_metric, fp_score)) is not None:
                         out_rows.append(row)
                         print(row, flush=True)
     if not out_rows:
@@ -164,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = __doc__.split("\n\n", 1)[1].strip() + (
         "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points, perplexity, "
         "cosine); calib_seconds / peak_mem_mb are the rival's mean / max.")
-    write_results(args.out, args.name, command, out_rows, notes, rival_ahead_summary(out_rows) + "\n\n" + margin_summary(out_rows),
+    sections = (rival_ahead_summary(out_rows), margin_summary(out_rows), flips_summary(out_rows))
+    write_results(args.out, args.name, command, out_rows, notes, "\n\n".join(filter(None, sections)),
                   extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "rival_lead",
-                                 "lead_high", "same_code"))
+                                 "lead_high", "flips", "repquant_flips", "p_flips", "same_code"))
     return 0
 
 

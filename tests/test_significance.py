@@ -105,6 +105,13 @@ def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
     half = 100 * 1.959964 * torch.tensor([-0.5, -0.5, -0.5, 1.0]).std().item() / 2
     assert out["lead_high"] == pytest.approx(-12.5 + half, rel=1e-5)
     assert bench.compare(rows, items, score, "m", (8, 8), "minmax", "top1") is None
+    assert out["flips"] is None  # without the float model's hits
+    # The float model gets images 0 and 1 right: repquant flips 0 + 2, qdrop 2 + 3 over seeds 0, 1.
+    fp = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    with_fp = bench.compare(rows, items, score, "m", (8, 8), "qdrop", "top1", fp_score=fp)
+    assert (with_fp["repquant_flips"], with_fp["flips"]) == (1.0, 2.5)
+    # Per image, flips pooled over seeds: repquant 0, 1, 1, 0; qdrop 1, 2, 0, 2: qdrop has more on 3 of 4.
+    assert with_fp["p_flips"] == pytest.approx(sign_test_p(3, 1), abs=1e-4)
 
 
 def test_a_perplexity_lead_is_the_rivals_perplexity_below_repquants():
