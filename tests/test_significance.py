@@ -110,8 +110,9 @@ def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
     fp = torch.tensor([1.0, 1.0, 0.0, 0.0])
     with_fp = bench.compare(rows, items, score, "m", (8, 8), "qdrop", "top1", fp_score=fp)
     assert (with_fp["repquant_flips"], with_fp["flips"]) == (1.0, 2.5)
-    # Per image, flips pooled over seeds: repquant 0, 1, 1, 0; qdrop 1, 2, 0, 2: qdrop has more on 3 of 4.
-    assert with_fp["p_flips"] == pytest.approx(sign_test_p(3, 1), abs=1e-4)
+    # Per image, flips pooled over seeds: repquant 0, 1, 1, 0; qdrop 1, 2, 0, 2, differences 1, 1, -1, 2:
+    # 8 of the 16 sign patterns reach |sum| >= 3.
+    assert with_fp["p_flips"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_a_perplexity_lead_is_the_rivals_perplexity_below_repquants():
