@@ -18,7 +18,12 @@ are over items: ``p_sign``, the exact two-sided sign test on the items with ``d 
 (for images, McNemar's exact test pooled over seeds without counting one image twice), with
 ``rival_ahead`` / ``repquant_ahead`` the items each side wins; and ``p_mean``, a seeded
 sign-flip randomization test of the mean of ``d`` (the question a mean metric such as perplexity
-asks; :mod:`reparq.eval.significance`). ``same_code``: whether every compared row was measured by
+asks; :mod:`reparq.eval.significance`). ``rival_lead``: the rival's mean lead over repquant
+per seed in the metric's units (top-1 points, perplexity, cosine; positive: the rival is
+better), and ``lead_high`` the upper end of its 95% interval over items: the largest lead the test
+set still allows, so "repquant is at least as good" holds to within that margin. ``flips`` /
+``repquant_flips`` (zoo only): test images whose right/wrong differs from the float model's, mean
+per seed, with ``p_flips`` the sign-flip test of the mean difference in flips. ``same_code``: whether every compared row was measured by
 one library source.
 """
 
@@ -26,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from reparq.eval.significance import decode_hits, paired_sign_test, sign_flip_p
+from reparq.eval.significance import decode_hits, mean_difference_interval, paired_sign_test, sign_flip_p
 from reparq.report.results import load_per_item, row_key, write_results
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,9 +53,25 @@ SOURCES = {
 TEXT_METRIC = {"llama_fm": "perplexity", "minilm": "cosine"}
 
 
+def lead_in_metric(gap: float, metric: str, reference: float) -> float:
+    """A rival's lead over repquant in the metric's own units, from ``gap``, the mean per-item score
+    difference per seed (rival minus repquant; the score being an image's hit, minus a window's
+    NLL, a sentence's cosine). Positive: the rival is better. ``reference``: repquant's mean
+    metric, which a perplexity lead scales with (the rival's perplexity is ``reference * exp(-gap)``)."""
+    if metric == "top1":
+        return 100.0 * gap
+    if metric == "perplexity":
+        return reference * (1.0 - math.exp(-gap))
+    return gap
+
+
 def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: tuple[int, int], rival: str,
-            metric: str) -> dict | None:
-    """The paired row of ``rival`` against repquant in one cell, or None without common per-item seeds."""
+            metric: str, fp_score: torch.Tensor | None = None) -> dict | None:
+    """The paired row of ``rival`` against repquant in one cell, or None without common per-item seeds.
+
+    ``fp_score``: the float model's per-item score (its hits), for the flips: items whose score
+    differs from the float model's, per seed (fidelity to the float model, which top-1 nets out:
+    a recipe can match FP's top-1 while getting different images right)."""
     def cell(method: str) -> dict[int, dict]:
         return {r["seed"]: r for r in rows if r["model"] == model and r["method"] == method
                 and (r["w_bits"], r["a_bits"]) == bits and r["metric"] == metric and row_key(r) in items}
@@ -59,11 +81,14 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
     if not seeds:
         return None
 
-    def pooled(cell_rows: dict[int, dict]) -> torch.Tensor:
-        return sum(score(items[row_key(cell_rows[s])]) for s in seeds)
+    def per_seed(cell_rows: dict[int, dict]) -> list[torch.Tensor]:
+        return [score(items[row_key(cell_rows[s])]) for s in seeds]
 
-    a, b = pooled(ours), pooled(theirs)
+    ours_scores, theirs_scores = per_seed(ours), per_seed(theirs)
+    a, b = sum(ours_scores), sum(theirs_scores)
     sign = paired_sign_test(a, b)
+    gap, _, gap_high = mean_difference_interval(b / len(seeds), a / len(seeds))
+    reference = statistics.mean(ours[s]["quant"] for s in seeds)
     compared = [ours[s] for s in seeds] + [theirs[s] for s in seeds]
     codes = {items[row_key(r)].get("code") for r in compared}
     theirs_rows = [theirs[s] for s in seeds]
@@ -72,9 +97,65 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
             "delta": round(statistics.mean(r["delta"] for r in theirs_rows), 3),
             "repquant_delta": round(statistics.mean(ours[s]["delta"] for s in seeds), 3),
             "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": round(sign.p_value, 4),
-            "p_mean": round(sign_flip_p(a, b), 4), "same_code": len(codes) == 1 and None not in codes,
+            "p_mean": round(sign_flip_p(a, b), 4),
+            "rival_lead": round(lead_in_metric(gap, metric, reference), 4),
+            "lead_high": round(lead_in_metric(gap_high, metric, reference), 4),
+            **flips_columns(ours_scores, theirs_scores, fp_score), "same_code": len(codes) == 1 and None not in codes,
             "calib_seconds": round(statistics.mean(r["calib_seconds"] for r in theirs_rows), 2),
             "peak_mem_mb": max(r["peak_mem_mb"] for r in theirs_rows), "seed": None, "seeds": seeds}
+
+
+def flips_columns(ours: list[torch.Tensor], theirs: list[torch.Tensor], fp_score: torch.Tensor | None) -> dict:
+    """Mean flips per seed of repquant and the rival against the float model, and the sign-flip
+    test's p of the mean difference in flips per item (pooled over seeds; not the sign test: an
+    image one recipe flips on every seed and the other on none weighs more than one flipped once);
+    None without the float model's scores."""
+    if fp_score is None:
+        return {"flips": None, "repquant_flips": None, "p_flips": None}
+    ours_flips = sum((s != fp_score).double() for s in ours)
+    theirs_flips = sum((s != fp_score).double() for s in theirs)
+    return {"flips": round(float(theirs_flips.sum()) / len(theirs), 1),
+            "repquant_flips": round(float(ours_flips.sum()) / len(ours), 1),
+            "p_flips": round(sign_flip_p(-ours_flips, -theirs_flips), 4)}
+
+
+def flips_summary(rows: list[dict]) -> str:
+    """Per cell with the float model's hits: repquant's flips, the rival with the fewest, and where
+    repquant ranks."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("flips") is not None:
+            cells.setdefault((r["model"], r["w_bits"], r["a_bits"]), []).append(r)
+    if not cells:
+        return ""
+    lines = ["## Fidelity to the float model: flips", "",
+             "Test images whose right/wrong differs from the float model's, mean per seed (lower: closer to "
+             "FP; top-1 counts the two directions against each other, flips add them). p_flips: sign-flip "
+             "test of the mean difference in flips per image, pooled over the seeds compared.", "",
+             "| model | W/A | repquant flips | rival with the fewest | its flips | p_flips | repquant's rank |",
+             "|---|---|---|---|---|---|---|"]
+    for (m, w, a), rs in cells.items():
+        best = min(rs, key=lambda r: r["flips"])
+        rank = 1 + sum(r["flips"] < r["repquant_flips"] for r in rs)  # each against repquant on its own seeds
+        lines.append(f"| {m} | W{w}A{a} | {best['repquant_flips']:.1f} | {best['method']} | {best['flips']:.1f} | "
+                     f"{best['p_flips']:g} | "
+                     f"{rank} of {len(rs) + 1} |")
+    return "\n".join(lines)
+
+
+def float_hits(model: str, rows: list[dict]) -> torch.Tensor:
+    """The float zoo model's per-image hits on the test split, checked against the rows' FP top-1
+    (the same checkpoint measured them)."""
+    from reparq.data import load_fashion_mnist
+    from reparq.eval.accuracy import correct_predictions
+    from reparq.zoo import load_model
+
+    images, labels = load_fashion_mnist("test")
+    hits = correct_predictions(load_model(model), images, labels)
+    fp = {r["fp"] for r in rows if r["model"] == model}
+    if fp != {round(100.0 * float(hits.double().mean()), 2)}:
+        raise SystemExit(f"{model}: the float model's top-1 is not the rows' FP {sorted(fp)}: another checkpoint")
+    return hits.double()
 
 
 def rival_ahead_summary(rows: list[dict]) -> str:
@@ -96,6 +177,24 @@ def rival_ahead_summary(rows: list[dict]) -> str:
                                    "correction for testing many)."])
 
 
+def margin_summary(rows: list[dict]) -> str:
+    """Per cell, the largest lead over repquant that the test items still allow any rival (the
+    upper end of its 95% interval): the margin within which "repquant is at least as good" holds."""
+    units = {"top1": "top-1 points", "perplexity": "perplexity", "cosine": "cosine"}
+    lines = ["## How far a rival could still be ahead (non-inferiority margin)", "",
+             "Per cell, the rival whose 95% interval of the lead over repquant reaches furthest (lead: rival "
+             "better by, in the metric's units; mean per seed over the seeds compared).", "",
+             "| model | W/A | units | rival | mean lead | 95% upper bound |", "|---|---|---|---|---|---|"]
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["w_bits"], r["a_bits"])
+        if key not in cells or r["lead_high"] > cells[key]["lead_high"]:
+            cells[key] = r
+    lines += [f"| {m} | W{w}A{a} | {units.get(r['metric'], r['metric'])} | {r['method']} | {r['rival_lead']:+.4g} | "
+              f"{r['lead_high']:+.4g} |" for (m, w, a), r in cells.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm", "llama_fm", "minilm"])
@@ -114,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             model_metric = metric or TEXT_METRIC.get(model)
             cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
                             and r["method"] == REFERENCE}, reverse=True)
+            fp_score = float_hits(model, rows) if source == "ptq_baselines" and cells else None
             for bits in cells:
                 for rival in args.recipes:
-                    if (row := compare(rows, items, score, model, bits, rival, model_metric)) is not None:
+                    if (row := compare(rows, items, score, model, bits, rival, model_metric, fp_score)) is not None:
                         out_rows.append(row)
                         print(row, flush=True)
     if not out_rows:
@@ -126,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = __doc__.split("\n\n", 1)[1].strip() + (
         "\n\n`delta` is the rival's mean over the seeds, `repquant_delta` repquant's (top-1 points, perplexity, "
         "cosine); calib_seconds / peak_mem_mb are the rival's mean / max.")
-    write_results(args.out, args.name, command, out_rows, notes, rival_ahead_summary(out_rows),
-                  extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "same_code"))
+    sections = (rival_ahead_summary(out_rows), margin_summary(out_rows), flips_summary(out_rows))
+    write_results(args.out, args.name, command, out_rows, notes, "\n\n".join(filter(None, sections)),
+                  extra_columns=("repquant_delta", "rival_ahead", "repquant_ahead", "p_sign", "p_mean", "rival_lead",
+                                 "lead_high", "flips", "repquant_flips", "p_flips", "same_code"))
     return 0
 
 

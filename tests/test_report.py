@@ -194,7 +194,7 @@ def test_top1_counts_the_per_image_hits():
 def test_source_version_is_the_library_trees_hash_and_marks_uncommitted_changes(tmp_path):
     import subprocess
 
-    from reparq.report.results import source_version
+    from reparq.report.results import checkout_of, source_version
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
@@ -212,6 +212,11 @@ def test_source_version_is_the_library_trees_hash_and_marks_uncommitted_changes(
     assert source_version(tmp_path) == tree
     (tmp_path / "src" / "reparq" / "a.py").write_text("x = 2\n")
     assert source_version(tmp_path) == tree + "+dirty"
+    # A copy installed into a venv inside the checkout is not the checkout's source.
+    installed = tmp_path / ".venv" / "lib" / "python3.11" / "site-packages" / "reparq"
+    installed.mkdir(parents=True)
+    assert checkout_of(installed) is None and checkout_of(tmp_path / "src" / "reparq") == tmp_path
+    assert source_version(installed.parents[1]) is None  # inside the checkout, not at its root
 
 
 def test_per_item_scores_merge_with_what_another_run_wrote(tmp_path):

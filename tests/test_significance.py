@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reparq.eval.significance import decode_hits, encode_hits, paired_sign_test, sign_flip_p, sign_test_p
+from reparq.eval.significance import (decode_hits, encode_hits, mean_difference_interval, paired_sign_test, sign_flip_p,
+                                     sign_test_p)
 
 
 def test_sign_test_p_is_the_exact_two_sided_binomial_tail():
@@ -49,6 +50,20 @@ def test_sign_flip_p_estimates_the_exact_randomization_tail():
     assert sign_flip_p(shifted + 1.0, shifted, rounds=1000) == pytest.approx(1 / 1001)  # never as extreme
 
 
+def test_mean_difference_interval_is_the_normal_interval_over_items():
+    a, b = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    # Differences 2, 0, 3, 0, 4: mean 1.8, sample sd sqrt(12.8 / 4), z(0.975) = 1.959964.
+    half = 1.959964 * math.sqrt(12.8 / 4) / math.sqrt(5)
+    mean, low, high = mean_difference_interval(a, b)
+    assert mean == pytest.approx(1.8) and low == pytest.approx(1.8 - half, rel=1e-6)
+    assert high == pytest.approx(1.8 + half, rel=1e-6)
+    assert mean_difference_interval(a, b, level=0.5)[2] < high  # a lower level, a narrower interval
+    with pytest.raises(ValueError, match="level"):
+        mean_difference_interval(a, b, level=1.0)
+    with pytest.raises(ValueError, match="two items"):
+        mean_difference_interval(a[:1], b[:1])
+
+
 def test_hits_survive_encoding_and_a_wrong_count_is_refused():
     hits = torch.rand(10001, generator=torch.Generator().manual_seed(0)) > 0.3
     text = encode_hits(hits)
@@ -85,4 +100,24 @@ def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
     assert out["seeds"] == [0, 1] and (out["repquant_ahead"], out["rival_ahead"]) == (3, 1)
     assert out["p_sign"] == pytest.approx(sign_test_p(3, 1), abs=1e-4) and out["same_code"] is True
     assert out["delta"] == pytest.approx((25.0 * 2 - 90.0 + 25.0 - 90.0) / 2)
+    # Per image and seed, qdrop minus repquant: -0.5, -0.5, -0.5, +1: a lead of -12.5 points, the means' gap.
+    assert out["rival_lead"] == pytest.approx(-12.5) and out["rival_lead"] == pytest.approx(out["delta"] - out["repquant_delta"])
+    half = 100 * 1.959964 * torch.tensor([-0.5, -0.5, -0.5, 1.0]).std().item() / 2
+    assert out["lead_high"] == pytest.approx(-12.5 + half, rel=1e-5)
     assert bench.compare(rows, items, score, "m", (8, 8), "minmax", "top1") is None
+    assert out["flips"] is None  # without the float model's hits
+    # The float model gets images 0 and 1 right: repquant flips 0 + 2, qdrop 2 + 3 over seeds 0, 1.
+    fp = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    with_fp = bench.compare(rows, items, score, "m", (8, 8), "qdrop", "top1", fp_score=fp)
+    assert (with_fp["repquant_flips"], with_fp["flips"]) == (1.0, 2.5)
+    # Per image, flips pooled over seeds: repquant 0, 1, 1, 0; qdrop 1, 2, 0, 2, differences 1, 1, -1, 2:
+    # 8 of the 16 sign patterns reach |sum| >= 3.
+    assert with_fp["p_flips"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_perplexity_lead_is_the_rivals_perplexity_below_repquants():
+    bench = _paired_benchmark()
+    # The rival's windows average 0.01 nats less: its perplexity is 118 * exp(-0.01).
+    assert bench.lead_in_metric(0.01, "perplexity", 118.0) == pytest.approx(118.0 - 118.0 * math.exp(-0.01))
+    assert bench.lead_in_metric(0.002, "top1", 90.0) == pytest.approx(0.2)
+    assert bench.lead_in_metric(-0.003, "cosine", 0.99) == pytest.approx(-0.003)

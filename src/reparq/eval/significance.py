@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,23 @@ def sign_flip_p(score_a: torch.Tensor, score_b: torch.Tensor, rounds: int = 2000
     return (extreme + 1) / (rounds + 1)
 
 
+def mean_difference_interval(score_a: torch.Tensor, score_b: torch.Tensor, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean per-item difference ``a - b`` and its two-sided ``level`` confidence interval
+    (normal approximation over items: thousands of images or hundreds of windows).
+
+    A p value says whether a gap is noise; this says how large a gap the test set still allows,
+    which is what "A is at least as good as B" can honestly claim: A trails B by no more than the
+    interval's far end (a non-inferiority margin)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    d = _differences(score_a, score_b)
+    if d.numel() < 2:
+        raise ValueError("an interval needs at least two items")
+    mean = float(d.mean())
+    half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * float(d.std(unbiased=True)) / math.sqrt(d.numel())
+    return mean, mean - half, mean + half
+
+
 def _differences(score_a: torch.Tensor, score_b: torch.Tensor) -> torch.Tensor:
     if score_a.shape != score_b.shape or score_a.ndim != 1:
         raise ValueError(f"scores must cover the same items (two 1-D tensors of one length), "
@@ -84,4 +102,4 @@ def decode_hits(text: str, count: int) -> torch.Tensor:
     return torch.from_numpy(bits[:count].astype(bool))
 
 
-__all__ = ["PairedResult", "decode_hits", "encode_hits", "paired_sign_test", "sign_flip_p", "sign_test_p"]
+__all__ = ["PairedResult", "decode_hits", "encode_hits", "mean_difference_interval", "paired_sign_test", "sign_flip_p", "sign_test_p"]

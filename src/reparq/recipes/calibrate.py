@@ -52,6 +52,22 @@ def set_quant_enabled(model: nn.Module, weights: bool, inputs: bool) -> None:
         mq.set_enabled(inputs)
 
 
+def float_pass(model: nn.Module, batches: Iterable, hooks: list, reporter: Reporter | None = None) -> None:
+    """Run the calibration batches through the float model (every quantizer off) for the forward
+    ``hooks`` already registered to observe it; the hooks are removed and quantization is turned
+    back on afterwards, also when a batch fails. ``reporter``: advanced once per batch."""
+    set_quant_enabled(model, weights=False, inputs=False)
+    try:
+        for batch in batches:
+            forward_batch(model, batch)  # dict batches (HF models) run as model(**batch)
+            if reporter is not None:
+                reporter.advance(1)
+    finally:
+        for h in hooks:
+            h.remove()
+        set_quant_enabled(model, weights=True, inputs=True)
+
+
 def activation_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every data-calibrated activation quantizer: layer inputs and attention matmul inputs."""
     found = [(f"{n}.input_quantizer", layer.input_quantizer) for n, layer in quantized_layers(model)]
@@ -75,16 +91,9 @@ def init_activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor], co
     observers = {n: ActivationObserver(config.observer_samples, seed=seed + index[n]) for n, _ in layers}
     hooks = [quantizer.register_forward_pre_hook(lambda m, args, n=n: observers[n].update(args[0]))
              for n, quantizer in layers]
-    set_quant_enabled(model, weights=False, inputs=False)
     batches = list(batches)
     reporter.stage("observe activations", total=len(batches))
-    try:
-        for batch in batches:
-            forward_batch(model, batch)
-            reporter.advance(1)
-    finally:
-        for h in hooks:
-            h.remove()
+    float_pass(model, batches, hooks, reporter)
     for name, aq in layers:
         merge_observer(observers[name])
         if params_fn is not None:
@@ -92,4 +101,3 @@ def init_activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor], co
         else:
             scale, zp = observers[name].params(config.a_estimator, aq.bits, aq.symmetric, config.percentile)
         aq.set_params(scale, zp)
-    set_quant_enabled(model, weights=True, inputs=True)

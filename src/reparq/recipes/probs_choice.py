@@ -19,7 +19,7 @@ from reparq.nn.attention import matmul_quantizers
 from reparq.quant.log import LogQuantizer
 from reparq.quant.ranges import estimate_params
 from reparq.quant.uniform import UniformQuantizer
-from reparq.recipes.calibrate import forward_batch, set_quant_enabled
+from reparq.recipes.calibrate import float_pass
 
 
 @torch.no_grad()
@@ -37,14 +37,7 @@ def observe_probabilities(model: nn.Module, batches, max_samples: int = 1 << 16,
 
     handles = [mq.probs.register_forward_pre_hook(lambda m, a, n=name: keep(n, a[0]))
                for name, mq in matmul_quantizers(model)]
-    set_quant_enabled(model, weights=False, inputs=False)
-    try:
-        for batch in batches:
-            forward_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        set_quant_enabled(model, weights=True, inputs=True)
+    float_pass(model, batches, handles)
     return {n: torch.cat(s)[:max_samples] for n, s in samples.items()}
 
 

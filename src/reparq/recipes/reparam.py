@@ -30,7 +30,7 @@ from reparq.quant.dual_clip import DualClipQuantizer
 from reparq.quant.percentile_search import percentile_search_params, unwidened_params
 from reparq.quant.ranges import estimate_params
 from reparq.quant.uniform import UniformQuantizer, int_range
-from reparq.recipes.calibrate import forward_batch, set_quant_enabled
+from reparq.recipes.calibrate import float_pass
 from reparq.recipes.insert import _set_submodule
 
 CHANNEL_METHODS = ("percentile", "mse", "minmax")
@@ -120,14 +120,7 @@ def observe_norm_outputs(model: nn.Module, pairs: list[NormPair], batches: list[
     handles = [model.get_submodule(p.norm).register_forward_hook(lambda m, a, o, n=p.key: observe(n, o)) if p.norm
                else model.get_submodule(p.key).register_forward_pre_hook(lambda m, a, n=p.key: observe(n, a[0]))
                for p in pairs]
-    set_quant_enabled(model, weights=False, inputs=False)
-    try:
-        for batch in batches:
-            forward_batch(model, batch)  # dict batches (HF models) run as model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-        set_quant_enabled(model, weights=True, inputs=True)
+    float_pass(model, batches, handles)
     # Under data parallelism every rank gets all ranks' rows (rank order = single-process order).
     return {name: gather_cat(torch.cat(r))[:max_rows] for name, r in rows.items() if r}
 

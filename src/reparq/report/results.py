@@ -33,18 +33,29 @@ def source_version(root: str | Path | None = None) -> str | None:
     rows measured before them current; a row whose version differs from the checkout's was
     measured by other code and may not reproduce bit for bit.
     """
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[3]
+    root = Path(root) if root is not None else checkout_of(Path(__file__).resolve().parents[1])
+    if root is None:
+        return None
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               check=True).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return None  # inside some checkout, but not at its root: not that checkout's library
         tree = git("rev-parse", "HEAD:src/reparq")[:12]
         dirty = git("status", "--porcelain", "--", "src/reparq")
     except (OSError, subprocess.CalledProcessError):
         return None
     return tree + ("+dirty" if dirty else "")
+
+
+def checkout_of(package: Path) -> Path | None:
+    """The checkout whose ``src/reparq`` is ``package`` (the imported library's directory), or None
+    for an installed copy: a wheel installed into a venv inside a checkout would otherwise report
+    the checkout's tree, not the code that ran."""
+    return package.parents[1] if package.name == "reparq" and package.parent.name == "src" else None
 
 
 def row_key(row: dict) -> str:
