@@ -97,7 +97,7 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
             "delta": round(statistics.mean(r["delta"] for r in theirs_rows), 3),
             "repquant_delta": round(statistics.mean(ours[s]["delta"] for s in seeds), 3),
             "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": round(sign.p_value, 4),
-            "p_mean": round(sign_flip_p(a, b), 4),
+            "p_mean": round(sign_flip_p(a, b), 5),
             "rival_lead": round(lead_in_metric(gap, metric, reference), 4),
             "lead_high": round(lead_in_metric(gap_high, metric, reference), 4),
             **flips_columns(ours_scores, theirs_scores, fp_score), "same_code": len(codes) == 1 and None not in codes,
@@ -116,7 +116,7 @@ def flips_columns(ours: list[torch.Tensor], theirs: list[torch.Tensor], fp_score
     theirs_flips = sum((s != fp_score).double() for s in theirs)
     return {"flips": round(float(theirs_flips.sum()) / len(theirs), 1),
             "repquant_flips": round(float(ours_flips.sum()) / len(ours), 1),
-            "p_flips": round(sign_flip_p(-ours_flips, -theirs_flips), 4)}
+            "p_flips": round(sign_flip_p(-ours_flips, -theirs_flips), 5)}
 
 
 def flips_summary(rows: list[dict]) -> str:

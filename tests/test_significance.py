@@ -48,6 +48,9 @@ def test_sign_flip_p_estimates_the_exact_randomization_tail():
     assert sign_flip_p(b, b) == 1.0  # no difference at all
     shifted = torch.randn(300, generator=torch.Generator().manual_seed(0))
     assert sign_flip_p(shifted + 1.0, shifted, rounds=1000) == pytest.approx(1 / 1001)  # never as extreme
+    # Ties change no sum, so they do not enter the draws: padding with them leaves p as it was.
+    padded = torch.cat([a, torch.ones(5000)]), torch.cat([b, torch.ones(5000)])
+    assert sign_flip_p(*padded, rounds=500, seed=3) == sign_flip_p(a, b, rounds=500, seed=3)
 
 
 def test_mean_difference_interval_is_the_normal_interval_over_items():

@@ -51,17 +51,20 @@ def sign_flip_p(score_a: torch.Tensor, score_b: torch.Tensor, rounds: int = 2000
     perplexity asks about the mean, which the sign test does not): under the null each item's
     difference is as likely negative as positive, so its sign is flipped at random, seeded.
 
-    The flips are drawn ``chunk`` rounds at a time (one stream, so the same p): all 20000 rounds
-    over 10k images at once would be a 1.6 GB matrix."""
+    Items with no difference are left out before drawing: flipping a zero changes no sum, and on
+    images most differences are zero (a few hundred discordant images in 10k), so this draws 25x
+    fewer signs for the same test. The flips are drawn ``chunk`` rounds at a time (one stream, so
+    the same p)."""
     d = _differences(score_a, score_b)
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
-    observed = d.mean().abs()
+    d = d[d != 0]
+    observed = float(d.sum().abs())
     g = torch.Generator().manual_seed(seed)
     extreme = 0
     for start in range(0, rounds, chunk):
         signs = torch.randint(0, 2, (min(chunk, rounds - start), d.numel()), generator=g, dtype=torch.float64) * 2 - 1
-        extreme += int(((signs @ d).abs() / d.numel() >= observed - 1e-12).sum())
+        extreme += int(((signs @ d).abs() >= observed - 1e-9).sum())
     return (extreme + 1) / (rounds + 1)
 
 
