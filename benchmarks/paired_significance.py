@@ -1,12 +1,12 @@
 """Is any recipe significantly ahead of ``repquant``, or behind it? A paired test per cell.
 
-Run: ``.venv/bin/python benchmarks/paired_significance.py`` (about 3 minutes on 2 cores, nearly
-all of it the sign-flip draws: it re-measures nothing); writes
+Run: ``.venv/bin/python benchmarks/paired_significance.py`` (about a minute on 2 cores: it
+re-measures nothing, and evaluates only the float zoo models, for the flips); writes
 benchmarks/results/paired_significance.{md,json}.
 
-A mean over three seeds that differs by 0.05 points is five of 10k test images (and a perplexity
-gap of 0.01 on llama_fm is a five-thousandth of the spread of one held-out window's mean NLL), so the question the means cannot
-answer is whether such a gap is more than the test set's noise. The benchmarks keep each row's
+A mean over seeds that differs by 0.05 points is five of 10k test images (and a perplexity gap
+of 0.01 on llama_fm is a five-thousandth of the spread of one held-out window's mean NLL), so the
+question the means cannot answer is whether such a gap is more than the test set's noise. The benchmarks keep each row's
 per-item scores (``results/per_item/``: per-image right/wrong for the zoo, per-window mean NLL for
 llama_fm, per-sentence cosine for MiniLM), so every committed row can be compared item by item
 with ``repquant``'s row of the same cell and seed, with no second run.
@@ -23,8 +23,8 @@ per seed in the metric's units (top-1 points, perplexity, cosine; positive: the 
 better), and ``lead_high`` the upper end of its 95% interval over items: the largest lead the test
 set still allows, so "repquant is at least as good" holds to within that margin. ``flips`` /
 ``repquant_flips`` (zoo only): test images whose right/wrong differs from the float model's, mean
-per seed, with ``p_flips`` the sign-flip test of the mean difference in flips. ``same_code``: whether every compared row was measured by
-one library source.
+per seed, with ``p_flips`` the sign-flip test of the mean difference in flips. ``same_code``:
+whether every compared row was measured by one library source.
 """
 
 from __future__ import annotations
