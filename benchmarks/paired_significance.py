@@ -96,7 +96,7 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
             "fp": theirs_rows[0]["fp"], "quant": round(statistics.mean(r["quant"] for r in theirs_rows), 3),
             "delta": round(statistics.mean(r["delta"] for r in theirs_rows), 3),
             "repquant_delta": round(statistics.mean(ours[s]["delta"] for s in seeds), 3),
-            "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": round(sign.p_value, 4),
+            "rival_ahead": sign.b_ahead, "repquant_ahead": sign.a_ahead, "p_sign": float(f"{sign.p_value:.4g}"),
             "p_mean": round(sign_flip_p(a, b), 5),
             "rival_lead": round(lead_in_metric(gap, metric, reference), 4),
             "lead_high": round(lead_in_metric(gap_high, metric, reference), 4),
