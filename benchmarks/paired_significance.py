@@ -6,10 +6,10 @@ benchmarks/results/paired_significance.{md,json}.
 
 A mean over seeds that differs by 0.05 points is five of 10k test images (and a perplexity gap
 of 0.01 on llama_fm is a five-thousandth of the spread of one held-out window's mean NLL), so the
-question the means cannot answer is whether such a gap is more than the test set's noise. The benchmarks keep each row's
-per-item scores (``results/per_item/``: per-image right/wrong for the zoo, per-window mean NLL for
-llama_fm, per-sentence cosine for MiniLM), so every committed row can be compared item by item
-with ``repquant``'s row of the same cell and seed, with no second run.
+question the means cannot answer is whether such a gap is more than the test set's noise. The
+benchmarks keep each row's per-item scores (``results/per_item/``: per-image right/wrong for the
+zoo, per-window mean NLL for llama_fm, per-sentence cosine for MiniLM), so every committed row can
+be compared item by item with ``repquant``'s row of the same cell and seed, with no second run.
 
 Per cell and rival, over the seeds both have per-item scores for, each test item gets
 ``d = score(repquant) - score(rival)`` summed over the seeds (score: images right; minus the
@@ -138,8 +138,7 @@ def flips_summary(rows: list[dict]) -> str:
         best = min(rs, key=lambda r: r["flips"])
         rank = 1 + sum(r["flips"] < r["repquant_flips"] for r in rs)  # each against repquant on its own seeds
         lines.append(f"| {m} | W{w}A{a} | {best['repquant_flips']:.1f} | {best['method']} | {best['flips']:.1f} | "
-                     f"{best['p_flips']:g} | "
-                     f"{rank} of {len(rs) + 1} |")
+                     f"{best['p_flips']:g} | {rank} of {len(rs) + 1} |")
     return "\n".join(lines)
 
 
@@ -180,7 +179,7 @@ def rival_ahead_summary(rows: list[dict]) -> str:
 def margin_summary(rows: list[dict]) -> str:
     """Per cell, the largest lead over repquant that the test items still allow any rival (the
     upper end of its 95% interval): the margin within which "repquant is at least as good" holds."""
-    units = {"top1": "top-1 points", "perplexity": "perplexity", "cosine": "cosine"}
+    units = {"top1": "top-1 points"}  # perplexity and cosine are their own units
     lines = ["## How far a rival could still be ahead (non-inferiority margin)", "",
              "Per cell, the rival whose 95% interval of the lead over repquant reaches furthest (lead: rival "
              "better by, in the metric's units; mean per seed over the seeds compared).", "",

@@ -104,7 +104,8 @@ def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
     assert out["p_sign"] == pytest.approx(sign_test_p(3, 1), abs=1e-4) and out["same_code"] is True
     assert out["delta"] == pytest.approx((25.0 * 2 - 90.0 + 25.0 - 90.0) / 2)
     # Per image and seed, qdrop minus repquant: -0.5, -0.5, -0.5, +1: a lead of -12.5 points, the means' gap.
-    assert out["rival_lead"] == pytest.approx(-12.5) and out["rival_lead"] == pytest.approx(out["delta"] - out["repquant_delta"])
+    assert out["rival_lead"] == pytest.approx(-12.5)
+    assert out["rival_lead"] == pytest.approx(out["delta"] - out["repquant_delta"])
     half = 100 * 1.959964 * torch.tensor([-0.5, -0.5, -0.5, 1.0]).std().item() / 2
     assert out["lead_high"] == pytest.approx(-12.5 + half, rel=1e-5)
     assert bench.compare(rows, items, score, "m", (8, 8), "minmax", "top1") is None

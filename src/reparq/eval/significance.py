@@ -68,7 +68,8 @@ def sign_flip_p(score_a: torch.Tensor, score_b: torch.Tensor, rounds: int = 2000
     return (extreme + 1) / (rounds + 1)
 
 
-def mean_difference_interval(score_a: torch.Tensor, score_b: torch.Tensor, level: float = 0.95) -> tuple[float, float, float]:
+def mean_difference_interval(score_a: torch.Tensor, score_b: torch.Tensor,
+                             level: float = 0.95) -> tuple[float, float, float]:
     """The mean per-item difference ``a - b`` and its two-sided ``level`` confidence interval
     (normal approximation over items: thousands of images or hundreds of windows).
 
@@ -105,4 +106,5 @@ def decode_hits(text: str, count: int) -> torch.Tensor:
     return torch.from_numpy(bits[:count].astype(bool))
 
 
-__all__ = ["PairedResult", "decode_hits", "encode_hits", "mean_difference_interval", "paired_sign_test", "sign_flip_p", "sign_test_p"]
+__all__ = ["PairedResult", "decode_hits", "encode_hits", "mean_difference_interval", "paired_sign_test", "sign_flip_p",
+           "sign_test_p"]

@@ -52,7 +52,7 @@ def set_quant_enabled(model: nn.Module, weights: bool, inputs: bool) -> None:
         mq.set_enabled(inputs)
 
 
-def float_pass(model: nn.Module, batches: Iterable, hooks: list, reporter: Reporter | None = None) -> None:
+def float_pass(model: nn.Module, batches: Iterable, hooks: list, reporter: Reporter = SILENT) -> None:
     """Run the calibration batches through the float model (every quantizer off) for the forward
     ``hooks`` already registered to observe it; the hooks are removed and quantization is turned
     back on afterwards, also when a batch fails. ``reporter``: advanced once per batch."""
@@ -60,8 +60,7 @@ def float_pass(model: nn.Module, batches: Iterable, hooks: list, reporter: Repor
     try:
         for batch in batches:
             forward_batch(model, batch)  # dict batches (HF models) run as model(**batch)
-            if reporter is not None:
-                reporter.advance(1)
+            reporter.advance(1)
     finally:
         for h in hooks:
             h.remove()
