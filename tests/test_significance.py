@@ -100,12 +100,12 @@ def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
     score = bench.SOURCES["ptq_baselines"][1]
     out = bench.compare(rows, items, score, "m", (8, 8), "qdrop", "top1")
     # Seeds 0 and 1 only (qdrop's seed 2 has no repquant twin): per image repquant 2,1,1,0 vs qdrop 1,0,0,2.
-    assert out["seeds"] == [0, 1] and (out["repquant_ahead"], out["rival_ahead"]) == (3, 1)
+    assert out["seeds"] == [0, 1] and (out["ref_ahead"], out["rival_ahead"]) == (3, 1)
     assert out["p_sign"] == pytest.approx(sign_test_p(3, 1), abs=1e-4) and out["same_code"] is True
     assert out["delta"] == pytest.approx((25.0 * 2 - 90.0 + 25.0 - 90.0) / 2)
     # Per image and seed, qdrop minus repquant: -0.5, -0.5, -0.5, +1: a lead of -12.5 points, the means' gap.
     assert out["rival_lead"] == pytest.approx(-12.5)
-    assert out["rival_lead"] == pytest.approx(out["delta"] - out["repquant_delta"])
+    assert out["rival_lead"] == pytest.approx(out["delta"] - out["ref_delta"])
     half = 100 * 1.959964 * torch.tensor([-0.5, -0.5, -0.5, 1.0]).std().item() / 2
     assert out["lead_high"] == pytest.approx(-12.5 + half, rel=1e-5)
     assert bench.compare(rows, items, score, "m", (8, 8), "minmax", "top1") is None
@@ -113,10 +113,26 @@ def test_benchmark_pools_the_committed_rows_hits_over_common_seeds():
     # The float model gets images 0 and 1 right: repquant flips 0 + 2, qdrop 2 + 3 over seeds 0, 1.
     fp = torch.tensor([1.0, 1.0, 0.0, 0.0])
     with_fp = bench.compare(rows, items, score, "m", (8, 8), "qdrop", "top1", fp_score=fp)
-    assert (with_fp["repquant_flips"], with_fp["flips"]) == (1.0, 2.5)
+    assert (with_fp["ref_flips"], with_fp["flips"]) == (1.0, 2.5)
     # Per image, flips pooled over seeds: repquant 0, 1, 1, 0; qdrop 1, 2, 0, 2, differences 1, 1, -1, 2:
     # 8 of the 16 sign patterns reach |sum| >= 3.
     assert with_fp["p_flips"] == pytest.approx(0.5, abs=0.01)
+    # The same rows under another reference name pair with it the same way.
+    renamed = [{**r, "method": "repapq"} if r["method"] == "repquant" else r for r in rows]
+    renamed_items = {row_key(n): items[row_key(r)] for n, r in zip(renamed, rows)}
+    as_repapq = bench.compare(renamed, renamed_items, score, "m", (8, 8), "qdrop", "top1", reference="repapq")
+    assert as_repapq["reference"] == "repapq" and out["reference"] == "repquant"
+    assert {k: v for k, v in as_repapq.items() if k != "reference"} == {k: v for k, v in out.items() if k != "reference"}
+
+
+def test_each_model_is_paired_with_the_projects_own_recipe_for_it():
+    bench = _paired_benchmark()
+    rows = [{"model": "cnn", "method": "repapq"}, {"model": "cnn", "method": "mse"},
+            {"model": "vit", "method": "repquant"}, {"model": "vit", "method": "repqvit"},
+            {"model": "both", "method": "repapq"}, {"model": "both", "method": "repquant"},
+            {"model": "none", "method": "mse"}]
+    assert [bench.reference_for(rows, m) for m in ("cnn", "vit", "both", "none")] == ["repapq", "repquant",
+                                                                                       "repquant", None]
 
 
 def test_a_perplexity_lead_is_the_rivals_perplexity_below_repquants():
