@@ -15,7 +15,7 @@ from pathlib import Path
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
-from reparq.report.results import command_history, write_results
+from reparq.report.results import command_history, source_version, write_results
 from reparq.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,43 +58,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", default="W4A4")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0],
                         help="each seed picks the calibration subset and seeds the recipe (as ptq_baselines.py)")
+    parser.add_argument("--rerun", action="store_true", help="measure the selected rows even if present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     test_x, test_y = load_fashion_mnist("test")
     bits = Bits.parse(args.bits)
     # Incremental like ptq_baselines.py: the results file is rewritten after every row, rows already
-    # there (same model, recipe, bits, iterations, seed and FP accuracy) are kept and not re-run.
+    # there (same model, recipe, bits, iterations, seed and FP accuracy) are kept and not re-run
+    # unless --rerun. Each save merges this run's rows into the file as it is on disk then, so runs
+    # over other models, seeds or iterations may write it at the same time.
     path = args.out / "recon_tradeoff.json"
-    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-    rows: list[dict] = old["rows"]
+
+    def on_disk() -> dict:
+        return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+
     command = "python benchmarks/recon_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    command = command_history(old["command"], command)
+    code = source_version()
+    mine: list[dict] = []  # rows measured by this run
+    fps: dict[str, float] = {}
     notes = ("Each row: one reconstruction run at the given iterations per unit (batch 32) and seed (the seed "
              "picks the 1024 calibration images and seeds the recipe). "
              "iters=0 is the MSE-initialized model with no learning. calib_seconds is the wall time of the "
              "calibration on a shared 2-core machine, one thread (noisy).")
 
     def save() -> None:
+        old = on_disk()
+        keys = {_key(r) for r in mine}
+        # Rows of a model measured on another checkpoint (other FP accuracy) are dropped.
+        rows = [r for r in old["rows"] if _key(r) not in keys and fps.get(r["model"], r["fp"]) == r["fp"]] + mine
         rows.sort(key=lambda r: (r["model"], r["method"], -r["w_bits"], -r["a_bits"], r["iters"], r["seed"]))
-        write_results(args.out, "recon_tradeoff", command, rows, notes, extra_columns=("iters",))
+        write_results(args.out, "recon_tradeoff", command_history(old["command"], command), rows, notes,
+                      extra_columns=("iters", "code"))
         plot(rows, args.out / "recon_tradeoff.png")
 
     for name in args.models:
         model = load_model(name)
-        fp = round(top1(model, test_x, test_y), 2)
-        stale = [r for r in rows if r["model"] == name and r["fp"] != fp]
-        rows[:] = [r for r in rows if r not in stale]  # measured on another checkpoint
+        fp = fps[name] = round(top1(model, test_x, test_y), 2)
         for seed in args.seeds:
             calib = calibration_subset(1024, seed=seed)
             for recipe in args.recipes:
                 for iters in args.iters:
-                    if (name, recipe, bits.w, bits.a, iters, seed) in {_key(r) for r in rows}:
+                    done = {_key(r) for r in mine}
+                    if not args.rerun:
+                        done |= {_key(r) for r in on_disk()["rows"] if r["fp"] == fp}
+                    if (name, recipe, bits.w, bits.a, iters, seed) in done:
                         continue
                     for r in run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,
                                       iters=iters):
-                        r["iters"] = iters
+                        r["iters"], r["code"] = iters, code
                         print(r, flush=True)
-                        rows.append(r)
+                        mine.append(r)
                     save()
     save()
     return 0
