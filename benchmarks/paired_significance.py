@@ -96,8 +96,8 @@ def compare(rows: list[dict], items: dict[str, dict], score, model: str, bits: t
     codes = {items[row_key(r)].get("code") for r in compared}
     theirs_rows = [theirs[s] for s in seeds]
     return {"model": model, "method": rival, "reference": reference, "w_bits": bits[0], "a_bits": bits[1],
-            "metric": metric,
-            "fp": theirs_rows[0]["fp"], "quant": round(statistics.mean(r["quant"] for r in theirs_rows), 3),
+            "metric": metric, "fp": theirs_rows[0]["fp"],
+            "quant": round(statistics.mean(r["quant"] for r in theirs_rows), 3),
             "delta": round(statistics.mean(r["delta"] for r in theirs_rows), 3),
             "ref_delta": round(statistics.mean(ours[s]["delta"] for s in seeds), 3),
             "rival_ahead": sign.b_ahead, "ref_ahead": sign.a_ahead, "p_sign": float(f"{sign.p_value:.4g}"),
@@ -142,8 +142,7 @@ def flips_summary(rows: list[dict]) -> str:
         best = min(rs, key=lambda r: r["flips"])
         rank = 1 + sum(r["flips"] < r["ref_flips"] for r in rs)  # each against the reference on its own seeds
         lines.append(f"| {m} | W{w}A{a} | {best['reference']} | {best['ref_flips']:.1f} | {best['method']} | "
-                     f"{best['flips']:.1f} | "
-                     f"{best['p_flips']:g} | {rank} of {len(rs) + 1} |")
+                     f"{best['flips']:.1f} | {best['p_flips']:g} | {rank} of {len(rs) + 1} |")
     return "\n".join(lines)
 
 
@@ -188,15 +187,15 @@ def margin_summary(rows: list[dict]) -> str:
     lines = ["## How far a rival could still be ahead (non-inferiority margin)", "",
              "Per cell, the rival whose 95% interval of the lead over the reference reaches furthest (lead: rival "
              "better by, in the metric's units; mean per seed over the seeds compared).", "",
-             "| model | W/A | units | reference | rival | mean lead | 95% upper bound |", "|---|---|---|---|---|---|---|"]
+             "| model | W/A | units | reference | rival | mean lead | 95% upper bound |",
+             "|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict] = {}
     for r in rows:
         key = (r["model"], r["w_bits"], r["a_bits"])
         if key not in cells or r["lead_high"] > cells[key]["lead_high"]:
             cells[key] = r
     lines += [f"| {m} | W{w}A{a} | {units.get(r['metric'], r['metric'])} | {r['reference']} | {r['method']} | "
-              f"{r['rival_lead']:+.4g} | "
-              f"{r['lead_high']:+.4g} |" for (m, w, a), r in cells.items()]
+              f"{r['rival_lead']:+.4g} | {r['lead_high']:+.4g} |" for (m, w, a), r in cells.items()]
     return "\n".join(lines)
 
 
