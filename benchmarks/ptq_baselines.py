@@ -16,7 +16,6 @@ again. Each row records ``code``, the library source that measured it
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,8 @@ from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
 from reparq.eval.significance import encode_hits
-from reparq.report.results import command_history, row_key, source_version, update_per_item, write_results
+from reparq.report.results import (command_history, measured_keys, merge_rows, results_on_disk, row_key, source_version,
+                                   update_per_item, write_results)
 from reparq.report.tables import mean_std
 from reparq.zoo import list_models, load_model
 
@@ -89,23 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or list_models()
     test_x, test_y = load_fashion_mnist("test")
     path = args.out / f"{args.name}.json"
-
-    def on_disk() -> dict:
-        return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-
     command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
     mine: list[dict] = []  # rows measured by this run
     hits: dict[str, dict] = {}  # their per-image right/wrong, not yet on disk
     fps: dict[str, float] = {}
     code = source_version()
 
+    def stale(r: dict) -> bool:  # measured on another checkpoint (other FP accuracy) than this run's
+        return fps.get(r["model"], r["fp"]) != r["fp"]
+
     def save() -> None:
         # Several runs (other models, recipes or seeds) may write the same file at once: merge this
         # run's rows into what is on disk now. Rows of a model measured on another checkpoint (other
         # FP accuracy) are dropped.
-        old = on_disk()
-        keys = {_key(r) for r in mine}
-        rows = [r for r in old["rows"] if _key(r) not in keys and fps.get(r["model"], r["fp"]) == r["fp"]] + mine
+        old = results_on_disk(path)
+        rows = merge_rows(old["rows"], mine, _key, stale)
         rows.sort(key=_sort_key)
         write_results(args.out, args.name, command_history(old["command"], command), rows, NOTES,
                       "\n\n".join([*(summary(rows, b) for b in ("W4A4", "W6A6")), code_versions(rows)]))
@@ -124,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             for recipe in args.recipes:
                 for b in args.bits:
                     bits = Bits.parse(b)
-                    done = {_key(r) for r in mine}
-                    if not args.rerun:
-                        done |= {_key(r) for r in on_disk()["rows"] if r["fp"] == fp}
+                    done = measured_keys(results_on_disk(path)["rows"], mine, _key, stale, args.rerun)
                     if (name, recipe, bits.w, bits.a, seed) in done:
                         continue
                     new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,

