@@ -2,7 +2,9 @@
 
 Run: ``.venv/bin/python benchmarks/paired_significance.py`` (about two minutes on 2 cores:
 it re-measures nothing, and evaluates only the float zoo models, for the flips); writes
-benchmarks/results/paired_significance.{md,json}.
+benchmarks/results/paired_significance.{md,json}. The ablations the same way:
+``paired_significance.py --sources repquant_ablation repapq_ablation --name ablation_paired``, where
+the rivals are the variants, each one change to the reference's defaults.
 
 A mean over seeds that differs by 0.05 points is five of 10k test images (and a perplexity gap
 of 0.01 on llama_fm is a five-thousandth of the spread of one held-out window's mean NLL), so the
@@ -47,12 +49,21 @@ RESULTS = Path(__file__).parent / "results"
 # Our recipe per kind of model, in the order looked for: the first one with rows for a model is its reference.
 REFERENCES = ("repquant", "repapq")
 RIVALS = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit")
+def _hits_score(entry: dict) -> torch.Tensor:
+    return decode_hits(entry["hits"], entry["images"]).double()
+
+
 # benchmark -> (metric of its rows, how a per-item entry becomes a score where higher is better)
 SOURCES = {
-    "ptq_baselines": ("top1", lambda e: decode_hits(e["hits"], e["images"]).double()),
+    "ptq_baselines": ("top1", _hits_score),
     "transformers_real": (None, lambda e: -torch.tensor(e["nll"], dtype=torch.float64) if "nll" in e
                           else torch.tensor(e["cosine"], dtype=torch.float64)),
+    # The ablations: each variant of our recipe against the recipe at its defaults.
+    "repquant_ablation": ("top1", _hits_score),
+    "repapq_ablation": ("top1", _hits_score),
 }
+# The baseline comparison: what runs without --sources.
+DEFAULT_SOURCES = ("ptq_baselines", "transformers_real")
 TEXT_METRIC = {"llama_fm": "perplexity", "minilm": "cosine"}
 
 
@@ -199,6 +210,15 @@ def margin_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rivals_in(rows: list[dict], model: str, source: str) -> list[str]:
+    """The recipes paired with the reference by default: the baselines (:data:`RIVALS`) in the baseline
+    benchmarks, and in an ablation every variant of the reference it has rows for, in file order."""
+    if source in DEFAULT_SOURCES:
+        return list(RIVALS)
+    reference = reference_for(rows, model)
+    return [m for m in dict.fromkeys(r["method"] for r in rows if r["model"] == model) if m != reference]
+
+
 def reference_for(rows: list[dict], model: str) -> str | None:
     """The first of :data:`REFERENCES` with rows for ``model``: the recipe its rivals are paired with."""
     return next((m for m in REFERENCES if any(r["model"] == model and r["method"] == m for r in rows)), None)
@@ -208,13 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm", "llama_fm", "minilm", "repvgg_fm",
                                                         "repvgg_deep_fm", "mobileone_fm"])
-    parser.add_argument("--recipes", nargs="*", default=list(RIVALS), help="rivals compared with the reference")
+    parser.add_argument("--recipes", nargs="*", default=None,
+                        help=f"rivals compared with the reference (default: {', '.join(RIVALS)}; for an ablation, "
+                             "every variant in it)")
+    parser.add_argument("--sources", nargs="*", default=list(DEFAULT_SOURCES), choices=list(SOURCES),
+                        help="the benchmarks whose rows are paired")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the benchmarks' results are")
     parser.add_argument("--name", default="paired_significance")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     out_rows: list[dict] = []
-    for source, (metric, score) in SOURCES.items():
+    for source in args.sources:
+        metric, score = SOURCES[source]
         path = args.results / f"{source}.json"
         if not path.exists():
             continue
@@ -224,16 +249,17 @@ def main(argv: list[str] | None = None) -> int:
             reference = reference_for(rows, model)
             cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
                             and r["method"] == reference}, reverse=True)
-            fp_score = float_hits(model, rows) if source == "ptq_baselines" and cells else None
+            fp_score = float_hits(model, rows) if model_metric == "top1" and cells else None
+            rivals = args.recipes or rivals_in(rows, model, source)
             for bits in cells:
-                for rival in args.recipes:
+                for rival in rivals:
                     row = compare(rows, items, score, model, bits, rival, model_metric, fp_score, reference)
                     if row is not None:
                         out_rows.append(row)
                         print(row, flush=True)
     if not out_rows:
-        raise SystemExit(f"no per-item scores under {args.results / 'per_item'}: run ptq_baselines.py or "
-                         "transformers_real.py first")
+        raise SystemExit(f"no per-item scores of {', '.join(args.sources)} under {args.results / 'per_item'}: "
+                         "run those benchmarks first")
     command = ("python benchmarks/paired_significance.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     notes = __doc__.split("\n\n", 1)[1].strip() + (
         "\n\n`delta` is the rival's mean over the seeds, `ref_delta` the reference's (top-1 points, perplexity, "

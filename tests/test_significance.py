@@ -144,3 +144,15 @@ def test_a_perplexity_lead_is_the_rivals_perplexity_below_repquants():
     assert bench.lead_in_metric(0.01, "perplexity", 118.0) == pytest.approx(118.0 - 118.0 * math.exp(-0.01))
     assert bench.lead_in_metric(0.002, "top1", 90.0) == pytest.approx(0.2)
     assert bench.lead_in_metric(-0.003, "cosine", 0.99) == pytest.approx(-0.003)
+
+
+def test_an_ablation_pairs_every_variant_with_the_recipe_at_its_defaults():
+    bench = _paired_benchmark()
+    rows = [{"model": "vit", "method": m} for m in ("repquant", "repquant-no_reparam", "repqvit", "repquant-gptq",
+                                                     "repquant-no_reparam")]
+    rows.append({"model": "cnn", "method": "repapq-no_qprep"})
+    assert bench.rivals_in(rows, "vit", "repquant_ablation") == ["repquant-no_reparam", "repqvit", "repquant-gptq"]
+    # The baseline benchmarks keep their fixed list of baselines, whatever else their rows hold.
+    assert bench.rivals_in(rows, "vit", "ptq_baselines") == list(bench.RIVALS)
+    # Without the reference's rows there is nothing to pair with (compare finds no common seeds).
+    assert bench.reference_for(rows, "cnn") is None
