@@ -11,7 +11,7 @@ plus ``item_suffix`` for a run at non-default settings, which must not be paired
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +39,7 @@ class Ablation:
     recorded: tuple[str, ...] = ()
     item_suffix: str = ""
     calib_size: int = 1024
-    extra_columns: tuple[str, ...] = field(default=())
+    extra_columns: tuple[str, ...] = ()
 
     def key(self, row: dict) -> tuple:
         return tuple(row.get(k) for k in BASE_KEY + self.recorded)
