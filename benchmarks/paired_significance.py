@@ -49,6 +49,8 @@ RESULTS = Path(__file__).parent / "results"
 # Our recipe per kind of model, in the order looked for: the first one with rows for a model is its reference.
 REFERENCES = ("repquant", "repapq")
 RIVALS = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit")
+
+
 def _hits_score(entry: dict) -> torch.Tensor:
     return decode_hits(entry["hits"], entry["images"]).double()
 
