@@ -24,12 +24,14 @@ from reparq.report.results import (command_history, measured_keys, merge_rows, r
 from reparq.zoo import load_model
 
 BASE_KEY = ("model", "method", "w_bits", "a_bits", "seed")
+CALIB_SIZE = 1024  # calibration images, as in ptq_baselines
 
 
 @dataclass
 class Ablation:
     """One ablation benchmark. ``plan(variant)`` gives the recipe, its options and the settings
-    recorded in the row (steps: part of the row's identity, so a run at other steps adds rows)."""
+    recorded in the row (``recorded``, e.g. steps: part of the row's identity, so a run at other
+    steps adds rows, and columns of its table)."""
 
     name: str
     variants: list[str]
@@ -38,8 +40,6 @@ class Ablation:
     notes: str
     recorded: tuple[str, ...] = ()
     item_suffix: str = ""
-    calib_size: int = 1024
-    extra_columns: tuple[str, ...] = ()
 
     def key(self, row: dict) -> tuple:
         return tuple(row.get(k) for k in BASE_KEY + self.recorded)
@@ -62,7 +62,7 @@ def run_ablation(ablation: Ablation, out: Path, command: str, models: list[str],
         old = results_on_disk(path)
         rows = sorted(merge_rows(old["rows"], mine, ablation.key, stale), key=ablation.order)
         write_results(out, ablation.name, command_history(old["command"], command), rows, ablation.notes,
-                      extra_columns=("seed", *ablation.extra_columns, "code"))
+                      extra_columns=("seed", *ablation.recorded, "code"))
         if hits:
             update_per_item(out, ablation.name, hits)
             hits.clear()
@@ -82,7 +82,7 @@ def run_ablation(ablation: Ablation, out: Path, command: str, models: list[str],
                     if identity in measured_keys(results_on_disk(path)["rows"], mine, ablation.key, stale, rerun):
                         continue
                     if calib is None:  # the seed picks the calibration subset and seeds the recipe
-                        calib = calibration_subset(ablation.calib_size, seed=seed)
+                        calib = calibration_subset(CALIB_SIZE, seed=seed)
 
                     def keep_hits(row: dict, correct, variant: str = variant) -> None:
                         hits[row_key({**row, "method": variant}) + ablation.item_suffix] = {

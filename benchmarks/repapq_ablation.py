@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python benchmarks/repapq_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     ablation = Ablation("repapq_ablation", args.variants,
                         lambda v: ("repapq", {"iters": args.iters, **VARIANTS[v]}, {"iters": args.iters}), _order,
-                        NOTES, recorded=("iters",), extra_columns=("iters",),
+                        NOTES, recorded=("iters",),
                         item_suffix="" if args.iters == DEFAULT_ITERS else f"|iters{args.iters}")
     run_ablation(ablation, args.out, command, [args.model], args.bits, args.seeds, args.rerun)
     return 0

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python benchmarks/repquant_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     defaults = (args.iters, args.clip_iters) == (RepQuantOptions.iters, CLIP_ITERS)
     ablation = Ablation("repquant_ablation", args.variants, plan(args.iters, args.clip_iters), _order, NOTES,
-                        recorded=("iters", "clip_iters"), extra_columns=("iters", "clip_iters"),
+                        recorded=("iters", "clip_iters"),
                         item_suffix="" if defaults else f"|iters{args.iters}|clip{args.clip_iters}")
     run_ablation(ablation, args.out, command, args.models, args.bits, args.seeds, args.rerun)
     return 0
