@@ -20,14 +20,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from reparq.data import calibration_subset, load_fashion_mnist
-from reparq.eval.accuracy import top1
-from reparq.eval.grid import Bits, run_grid
-from reparq.eval.significance import encode_hits
-from reparq.report.results import (command_history, measured_keys, merge_rows, results_on_disk, row_key, source_version,
-                                   update_per_item, write_results)
+from reparq.eval.grid import Bits
 from reparq.report.tables import mean_std
-from reparq.zoo import list_models, load_model
+from reparq.zoo import list_models
+from resumable import ZooGrid
 
 RESULTS = Path(__file__).parent / "results"
 RANGE_RECIPES = ("minmax", "percentile", "mse", "mae")
@@ -87,52 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = args.models or list_models()
-    test_x, test_y = load_fashion_mnist("test")
-    path = args.out / f"{args.name}.json"
     command = "python benchmarks/ptq_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    mine: list[dict] = []  # rows measured by this run
-    hits: dict[str, dict] = {}  # their per-image right/wrong, not yet on disk
-    fps: dict[str, float] = {}
-    code = source_version()
-
-    def stale(r: dict) -> bool:  # measured on another checkpoint (other FP accuracy) than this run's
-        return fps.get(r["model"], r["fp"]) != r["fp"]
-
-    def save() -> None:
-        # Several runs (other models, recipes or seeds) may write the same file at once: merge this
-        # run's rows into what is on disk now. Rows of a model measured on another checkpoint (other
-        # FP accuracy) are dropped.
-        old = results_on_disk(path)
-        rows = merge_rows(old["rows"], mine, _key, stale)
-        rows.sort(key=_sort_key)
-        write_results(args.out, args.name, command_history(old["command"], command), rows, NOTES,
-                      "\n\n".join([*(summary(rows, b) for b in ("W4A4", "W6A6")), code_versions(rows)]))
-        if hits:
-            update_per_item(args.out, args.name, hits)
-            hits.clear()
-
-    def keep_hits(row: dict, correct) -> None:
-        hits[row_key(row)] = {"code": code, "images": int(correct.numel()), "hits": encode_hits(correct)}
-
+    grid = ZooGrid(args.out, args.name, command, _key, _sort_key, NOTES, rerun=args.rerun, calib_size=args.calib_size,
+                   sections=lambda rows: "\n\n".join([*(summary(rows, b) for b in ("W4A4", "W6A6")),
+                                                       code_versions(rows)]))
     for name in models:
-        model = load_model(name)
-        fp = fps[name] = round(top1(model, test_x, test_y), 2)
+        grid.model(name)  # its FP top-1 tells rows of another checkpoint
         for seed in args.seeds:
-            calib = calibration_subset(args.calib_size, seed=seed)
             for recipe in args.recipes:
                 for b in args.bits:
                     bits = Bits.parse(b)
-                    done = measured_keys(results_on_disk(path)["rows"], mine, _key, stale, args.rerun)
-                    if (name, recipe, bits.w, bits.a, seed) in done:
-                        continue
-                    new = run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,
-                                   on_hits=keep_hits)
-                    for r in new:
-                        r["code"] = code
-                    print(new[0], flush=True)
-                    mine.extend(new)
-                    save()
-    save()
+                    if not grid.done((name, recipe, bits.w, bits.a, seed)):
+                        grid.measure(name, recipe, bits, seed)
+    grid.save()
     return 0
 
 

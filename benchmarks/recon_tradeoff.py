@@ -11,12 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from reparq.data import calibration_subset, load_fashion_mnist
-from reparq.eval.accuracy import top1
-from reparq.eval.grid import Bits, run_grid
-from reparq.report.results import (command_history, measured_keys, merge_rows, results_on_disk, source_version,
-                                   write_results)
-from reparq.zoo import load_model
+from reparq.eval.grid import Bits
+from resumable import ZooGrid
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,6 +46,10 @@ def _key(r: dict) -> tuple:
     return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["iters"], r["seed"])
 
 
+def _sort_key(r: dict) -> tuple:
+    return (r["model"], r["method"], -r["w_bits"], -r["a_bits"], r["iters"], r["seed"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["repvgg_fm", "deit_fm"])
@@ -61,51 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="measure the selected rows even if present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    test_x, test_y = load_fashion_mnist("test")
     bits = Bits.parse(args.bits)
-    # Incremental like ptq_baselines.py: the results file is rewritten after every row, rows already
-    # there (same model, recipe, bits, iterations, seed and FP accuracy) are kept and not re-run
-    # unless --rerun. Each save merges this run's rows into the file as it is on disk then, so runs
-    # over other models, seeds or iterations may write it at the same time.
-    path = args.out / "recon_tradeoff.json"
+    # Incremental like ptq_baselines.py (resumable.ZooGrid): rows already there (same model, recipe,
+    # bits, iterations, seed and FP accuracy) are kept and not re-run unless --rerun.
     command = "python benchmarks/recon_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    code = source_version()
-    mine: list[dict] = []  # rows measured by this run
-    fps: dict[str, float] = {}
-
-    def stale(r: dict) -> bool:  # measured on another checkpoint (other FP accuracy) than this run's
-        return fps.get(r["model"], r["fp"]) != r["fp"]
-
     notes = ("Each row: one reconstruction run at the given iterations per unit (batch 32) and seed (the seed "
              "picks the 1024 calibration images and seeds the recipe). "
              "iters=0 is the MSE-initialized model with no learning. calib_seconds is the wall time of the "
              "calibration on a shared 2-core machine, one thread (noisy).")
-
-    def save() -> None:
-        old = results_on_disk(path)
-        rows = merge_rows(old["rows"], mine, _key, stale)
-        rows.sort(key=lambda r: (r["model"], r["method"], -r["w_bits"], -r["a_bits"], r["iters"], r["seed"]))
-        write_results(args.out, "recon_tradeoff", command_history(old["command"], command), rows, notes,
-                      extra_columns=("iters", "code"))
-        plot(rows, args.out / "recon_tradeoff.png")
-
+    grid = ZooGrid(args.out, "recon_tradeoff", command, _key, _sort_key, notes, rerun=args.rerun,
+                   extra_columns=("iters", "code"), per_item=False,
+                   after_save=lambda rows: plot(rows, args.out / "recon_tradeoff.png"))
     for name in args.models:
-        model = load_model(name)
-        fp = fps[name] = round(top1(model, test_x, test_y), 2)
+        grid.model(name)  # its FP top-1 tells rows of another checkpoint
         for seed in args.seeds:
-            calib = calibration_subset(1024, seed=seed)
             for recipe in args.recipes:
                 for iters in args.iters:
-                    done = measured_keys(results_on_disk(path)["rows"], mine, _key, stale, args.rerun)
-                    if (name, recipe, bits.w, bits.a, iters, seed) in done:
-                        continue
-                    for r in run_grid(model, name, calib, test_x, test_y, [recipe], [bits], seeds=(seed,), fp=fp,
-                                      iters=iters):
-                        r["iters"], r["code"] = iters, code
-                        print(r, flush=True)
-                        mine.append(r)
-                    save()
-    save()
+                    if not grid.done((name, recipe, bits.w, bits.a, iters, seed)):
+                        grid.measure(name, recipe, bits, seed, recorded={"iters": iters}, iters=iters)
+    grid.save()
     return 0
 
 
