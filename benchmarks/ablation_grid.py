@@ -3,7 +3,8 @@ and seed, resumable, with a ``code`` stamp per row and per-image scores for the 
 
 Rows already in the results file (same model, variant, bits, seed, recorded settings and
 checkpoint) are kept unless ``rerun``; every save merges this run's rows into the file as it is on
-disk then, so runs on other models or seeds may share it (:class:`resumable.ZooGrid`). A variant's per-image right/wrong goes to ``results/per_item/<name>.json`` under
+disk then, so runs on other models or seeds may share it (:class:`resumable.ZooGrid`). A variant's
+per-image right/wrong goes to ``results/per_item/<name>.json`` under
 :func:`reparq.report.results.row_key`, the key ``paired_significance.py --sources <name>`` looks up,
 plus ``item_suffix`` for a run at non-default settings, which must not be paired as the defaults.
 """
