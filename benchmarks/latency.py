@@ -18,7 +18,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -32,14 +31,15 @@ import torch.nn as nn  # noqa: E402
 import reparq  # noqa: E402
 from reparq.deploy import ort_runner  # noqa: E402
 from reparq.deploy.onnx_export import torch_to_onnx  # noqa: E402
-from reparq.report.results import environment  # noqa: E402
+from reparq.report.results import source_version  # noqa: E402
+from results_header import header_lines, results_header  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ZOO_MODELS = ("repvgg_fm", "mobileone_fm", "deit_fm", "swin_fm")
 COLUMNS = (("model", "model"), ("weights", "weights"), ("batch", "batch"), ("fp_ms", "FP32 ms"),
            ("int8_ms", "int8 ms"), ("ratio", "int8/FP32"), ("agreement", "agreement"),
            ("max_diff", "max abs diff"), ("quant_metric", "quant (torch / ORT)"), ("int8_kernels", "int8 kernels"),
-           ("float_ops", "float compute ops"))
+           ("float_ops", "float compute ops"), ("code", "code"))
 
 
 def cpu_isa() -> str:
@@ -201,16 +201,11 @@ def minilm_rows(args, work: Path) -> list[dict]:
 
 
 def write(out_dir: Path, command: str, rows: list[dict], notes: str) -> None:
-    env = environment()
-    env["onnxruntime"] = __import__("onnxruntime").__version__
-    date = _dt.date.today().isoformat()
-    payload = {"benchmark": "latency", "command": command, "date": date, "machine": env["machine"],
-               "cpu": cpu_isa(), "versions": {k: v for k, v in env.items() if k != "machine"}, "rows": rows}
+    header = results_header("latency", command, onnxruntime=__import__("onnxruntime").__version__)
+    payload = {**header, "cpu": cpu_isa(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(payload, indent=1) + "\n")
-    versions = ", ".join(f"{k} {v}" for k, v in payload["versions"].items())
-    md = ["# latency", "", f"- command: `{command}`", f"- date: {date}", f"- machine: {env['machine']}",
-          f"- CPU: {payload['cpu']}", f"- versions: {versions}", "", notes.strip(), "",
+    md = [*header_lines(header), f"- CPU: {payload['cpu']}", "", notes.strip(), "",
           "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(str(r.get(k, "")) for k, _ in COLUMNS) + " |" for r in rows]
     (out_dir / "latency.md").write_text("\n".join(md) + "\n")
@@ -246,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             except (reparq.ReparqError, RuntimeError) as exc:  # e.g. a checkpoint being retrained
                 skipped.append(f"{name}: {' '.join(line.strip() for line in str(exc).splitlines()[:2])[:200]}")
                 print(f"skipped {skipped[-1]}", flush=True)
+    code = source_version()
+    for r in rows:  # the library source that measured each row (a --merge keeps older rows' stamps)
+        r["code"] = code
     given = sys.argv[1:] if argv is None else argv
     command = ("OMP_NUM_THREADS=1 python benchmarks/latency.py " + " ".join(given)).strip()
     previous = args.out / "latency.json"
@@ -257,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: order.index(r["model"].split(" ")[0]) if r["model"].split(" ")[0] in order else 99)
         command = "; ".join(dict.fromkeys(old["command"].split("; ") + [command]))
     notes = (f"ORT CPU execution provider, all graph optimizations, intra_op_num_threads={args.threads}, "
-             f"OMP_NUM_THREADS=1, on a shared 2-core machine that was also running two model trainings: absolute "
+             f"OMP_NUM_THREADS=1, on a shared 2-core machine (other jobs may run alongside): absolute "
              f"times are noisy, ratios less so (variants interleaved, median of {args.repeats} repeats, "
              f"{args.minilm_repeats} for MiniLM; batch 1 times are means of 20 calls). W8A8, recipe mse, {args.calib_size} calibration images "
              f"({args.calib_sentences} sentences for MiniLM), seed {args.seed}. FP32 = the same deployed graph "

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformers_real import MiniLMTask  # noqa: E402
 
 from reparq.api import quantize  # noqa: E402
-from reparq.report.results import write_results  # noqa: E402
+from reparq.report.results import source_version, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LN_CONSUMERS = ("*.attention.self.query", "*.attention.self.key", "*.attention.self.value", "*.intermediate.dense")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     task = MiniLMTask(128, 512)
     calib = task.calibration(0)
     command = "OMP_NUM_THREADS=1 python benchmarks/minilm_points.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = []
+    rows, code = [], source_version()
     for label, (w_bits, a_bits, overrides) in RUNS.items():
         torch.manual_seed(0)
         qmodel = quantize(task.model, calib, recipe=args.recipe, w_bits=w_bits, a_bits=a_bits, seed=0,
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"model": "minilm", "method": args.recipe, "w_bits": w_bits, "a_bits": a_bits, "metric": "cosine",
                "value": cosine["value"], "fp": 1.0, "quant": cosine["quant"], "delta": cosine["delta"],
                "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": 0,
-               "kept_at_8": label, "nn_agreement": agreement["quant"]}
+               "kept_at_8": label, "nn_agreement": agreement["quant"], "code": code}
         print(row, flush=True)
         rows.append(row)
     write_table(args.out, command.strip(), rows)
@@ -73,7 +73,7 @@ def write_table(out: Path, command: str, rows: list[dict]) -> None:
              "(`kept_at_8`); w_bits/a_bits are the global widths, first and last Linear at 8 bits as always. "
              "Attention matmul inputs (q, k, v, probabilities) follow a_bits. Target at W6A6: cosine >= 0.99 "
              "(`value`: the cosine to 5 digits).")
-    write_results(out, "minilm_points", command, rows, notes, extra_columns=("kept_at_8", "value", "nn_agreement"))
+    write_results(out, "minilm_points", command, rows, notes, extra_columns=("kept_at_8", "value", "nn_agreement", "code"))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch.nn as nn
 import reparq
 from reparq.data import calibration_subset
 from reparq.recipes.prepare import prepare_for_deployment
-from reparq.report.results import environment
 from reparq.zoo import load_model
+from results_header import header_lines, results_header
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -107,12 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "repapq_ranges.png", dpi=100)
-    env = environment()
     command = "python benchmarks/repapq_ranges.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {"benchmark": "repapq_ranges", "command": command.strip(), "machine": env["machine"],
-               "versions": {k: v for k, v in env.items() if k != "machine"}, "rows": stats}
-    (args.out / "repapq_ranges.json").write_text(json.dumps(payload, indent=1) + "\n")
-    md = ["# repapq_ranges", "", f"- command: `{command.strip()}`", f"- machine: {env['machine']}", "",
+    header = results_header("repapq_ranges", command)
+    (args.out / "repapq_ranges.json").write_text(json.dumps({**header, "rows": stats}, indent=1) + "\n")
+    md = [*header_lines(header), "",
           "![ranges](repapq_ranges.png)", "",
           "`weight_centre_share`: fraction of output channels whose largest weight is the centre tap by a factor "
           ">1.5 over every other tap (the merged identity/1x1 branches), in the merged float model and in the deployed "

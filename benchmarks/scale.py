@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
-    from reparq.report.results import write_results
+    from reparq.report.results import source_version, write_results
+
+    code = source_version()
 
     previous: dict[str, list[dict]] = {}
     path = args.out / "scale.json"
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="reparq-scale-") as tmp:
         for part in args.parts:
             previous[part] = {"depth": depth_rows, "big": big_rows, "dp": dp_rows}[part](Path(tmp))
+            for r in previous[part]:  # the library source that measured it (parts not re-run keep theirs)
+                r["code"] = code
     rows = [r for part in ("depth", "big", "dp") for r in previous.get(part, [])]
     streamed = {r["layers"]: r["peak_mem_mb"] for r in rows if r["part"] == "depth" and r["mode"] == "streamed"}
     notes = ("Peak memory = the calibrating process's peak RSS (imports included). Targets (issue 9): streamed peak "
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if 4 in streamed and 32 in streamed:
         notes += f" Measured: streamed peak 32 vs 4 layers = {streamed[32] / streamed[4]:.2f}x."
     write_results(args.out, "scale", command, rows, notes,
-                  extra_columns=("part", "mode", "layers", "params", "processes", "samples_per_s", "speedup", "under_3gb"))
+                  extra_columns=("part", "mode", "layers", "params", "processes", "samples_per_s", "speedup", "under_3gb",
+                                 "code"))
     return 0
 
 

@@ -34,8 +34,8 @@ from reparq.quant.percentile_search import percentile_search_params
 from reparq.quant.ranges import params_from_range
 from reparq.quant.uniform import int_range
 from reparq.recipes.reparam import channel_params
-from reparq.report.results import environment
 from reparq.zoo import load_model
+from results_header import header_lines, results_header
 
 RESULTS = Path(__file__).parent / "results"
 GRIDS = ("uniform_minmax", "uniform_percentile", "log2", "logsqrt2")
@@ -248,13 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "transformer_ranges.png", dpi=100, bbox_inches="tight")
 
-    env = environment()
-    command = ("python benchmarks/transformer_ranges.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    payload = {"benchmark": "transformer_ranges", "command": command, "machine": env["machine"],
-               "versions": {k: v for k, v in env.items() if k != "machine"}, "model": args.model, "block_drawn": block,
-               "postnorm_rows": range_stats, "probs_summary": p_summary, "probs_rows": prob_stats}
+    command = "python benchmarks/transformer_ranges.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = results_header("transformer_ranges", command)
+    payload = {**header, "model": args.model, "block_drawn": block, "postnorm_rows": range_stats,
+               "probs_summary": p_summary, "probs_rows": prob_stats}
     (args.out / "transformer_ranges.json").write_text(json.dumps(payload, indent=1) + "\n")
-    md = ["# transformer_ranges", "", f"- command: `{command}`", f"- machine: {env['machine']}",
+    md = [*header_lines(header),
           f"- model: {args.model} (float), 1024 calibration images (seed 0); panel (a) draws block {block}", "",
           "![ranges](transformer_ranges.png)", "",
           "## Post-LayerNorm activations (inputs of qkv and fc1)", "",
