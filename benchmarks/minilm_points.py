@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         qmodel = quantize(task.model, calib, recipe=args.recipe, w_bits=w_bits, a_bits=a_bits, seed=0,
                           overrides=overrides)
-        cosine, agreement = task.measure(qmodel, f"W{w_bits}A{a_bits}")
+        (cosine, agreement), _ = task.measure(qmodel, f"W{w_bits}A{a_bits}")  # rows; per-sentence scores unused
         info = qmodel.reparq_info
         row = {"model": "minilm", "method": args.recipe, "w_bits": w_bits, "a_bits": a_bits, "metric": "cosine",
                "value": cosine["value"], "fp": 1.0, "quant": cosine["quant"], "delta": cosine["delta"],
