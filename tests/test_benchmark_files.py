@@ -1,0 +1,76 @@
+"""The benchmarks' results files: the header DESIGN.md section 5 asks of every committed file, and
+the resumable loop (benchmarks/resumable.py) that five benchmarks fill their files with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reparq.report.results import load_per_item, row_key, source_version
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+COMMITTED = sorted((BENCHMARKS / "results").glob("*.json"))
+
+
+def test_the_results_directory_is_found():
+    assert len(COMMITTED) >= 12  # a moved directory must not make the next test pass vacuously
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.stem)
+def test_every_committed_results_file_has_the_design_header(path):
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == path.stem
+    assert payload["command"].startswith(("python benchmarks/", "OMP_NUM_THREADS=1 python benchmarks/"))
+    assert len(payload["date"]) == 10 and payload["date"][:2] == "20"  # YYYY-MM-DD
+    assert "CPU cores" in payload["machine"] and "torch" in payload["versions"]
+    md = path.with_suffix(".md").read_text()
+    assert md.startswith(f"# {path.stem}\n") and f"- date: {payload['date']}" in md
+    rows = payload.get("rows")
+    if rows and "method" in rows[0]:
+        # Result rows: the identity DESIGN.md gives them, and the library source that measured each
+        # (the paired tests' rows compare measured rows, and say whether one source measured both).
+        assert all({"model", "method", "w_bits", "a_bits"} <= set(r) for r in rows)
+        assert all(r.get("code") or "same_code" in r for r in rows)
+    else:
+        assert payload["code"]  # one run's statistics and figures: the source of that run
+
+
+def _row(model: str, seed: int, fp: float = 90.0) -> dict:
+    return {"model": model, "method": "minmax", "w_bits": 8, "a_bits": 8, "metric": "top1", "fp": fp,
+            "quant": fp - 1, "delta": -1.0, "calib_seconds": 1.0, "peak_mem_mb": 1.0, "seed": seed}
+
+
+def test_a_resumable_run_skips_what_is_measured_drops_stale_rows_and_stamps_its_own(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from resumable import ResumableResults
+
+    def key(r):
+        return (r["model"], r["seed"])
+
+    def results(command: str, **kwargs) -> ResumableResults:
+        return ResumableResults(tmp_path, "bench", command, key, key, "notes", **kwargs)
+
+    # An earlier run measured seed 0 on the current checkpoint (FP 90) and seed 5 on another (FP 80).
+    earlier = results("python benchmarks/bench.py")
+    earlier.add(_row("m", 0), {"images": 4, "hits": "AA=="})
+    earlier.add(_row("m", 5, fp=80.0))
+    earlier.save()
+
+    now = results("python benchmarks/bench.py --seeds 1", stale=lambda r: r["fp"] != 90.0)
+    assert now.done(("m", 0)) and not now.done(("m", 1))
+    assert not now.done(("m", 5))  # a stale row is measured again, not skipped
+    assert not results("x", rerun=True).done(("m", 0))
+    now.add(_row("m", 1), {"images": 4, "hits": "AQ=="})
+    assert now.done(("m", 1))  # its own rows, before any save
+    written = now.save()
+
+    assert [key(r) for r in written] == [("m", 0), ("m", 1)]  # merged, sorted, the stale row dropped
+    assert all(r["code"] == source_version() for r in written)
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert on_disk["rows"] == written
+    assert on_disk["command"] == "python benchmarks/bench.py; python benchmarks/bench.py --seeds 1"
+    items = load_per_item(tmp_path, "bench")
+    assert set(items) == {row_key(_row("m", 0)), row_key(_row("m", 1))}
+    assert items[row_key(_row("m", 1))] == {"code": source_version(), "images": 4, "hits": "AQ=="}
