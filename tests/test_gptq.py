@@ -68,6 +68,20 @@ def test_block_size_does_not_change_the_result():
     assert torch.allclose(gptq_round(w, h, s, -8, 7, block=7), gptq_round(w, h, s, -8, 7, block=128), atol=1e-6)
 
 
+def test_the_banded_error_update_and_the_dtype_do_not_change_the_result(monkeypatch):
+    # The error update runs a band of rows at a time to bound its temporary (1.1B LLaMA lm_head:
+    # 0.5 GB); bands must give bit for bit what one product gives, and the rounded weight comes
+    # back in the caller's dtype, equal to rounding in float64 and casting at the end.
+    import reparq.quant.gptq as gptq
+
+    w, _, s, h = _problem(seed=3, out=100)
+    whole = gptq_round(w, h, s, -8, 7, block=16)
+    monkeypatch.setattr(gptq, "UPDATE_ROWS", 7)  # 15 bands, the last one short
+    assert torch.equal(gptq_round(w, h, s, -8, 7, block=16), whole)
+    assert whole.dtype == torch.float32
+    assert torch.equal(gptq_round(w.double(), h, s, -8, 7, block=16).float(), whole)
+
+
 def test_dead_inputs_get_zero_weights_and_scalar_scale_is_accepted():
     w, x, s, _ = _problem(seed=2)
     x[:, 3] = 0.0

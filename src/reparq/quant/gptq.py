@@ -19,6 +19,8 @@ import torch
 
 from reparq.errors import ReparqError
 
+UPDATE_ROWS = 2048  # rows per step of the error update (bounds its temporary; any value gives the same result)
+
 
 class HessianAccumulator:
     """``X^T X`` over the rows of every batch seen, in float64 (sums of many outer products)."""
@@ -51,21 +53,23 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ReparqError(f"GPTQ needs a [out, in] weight and an [in, in] Hessian, got {tuple(weight.shape)} "
                           f"and {tuple(hessian.shape)}")
-    w = weight.detach().to(torch.float64).clone()
-    h = hessian.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64, copy=True)
     s = scale.detach().to(torch.float64).reshape(-1)
-    s = s.expand(w.shape[0]).clone() if s.numel() == 1 else s
-    if s.numel() != w.shape[0]:
-        raise ReparqError(f"GPTQ needs one scale per output row ({w.shape[0]}), got {s.numel()}")
+    s = s.expand(weight.shape[0]).clone() if s.numel() == 1 else s
+    if s.numel() != weight.shape[0]:
+        raise ReparqError(f"GPTQ needs one scale per output row ({weight.shape[0]}), got {s.numel()}")
     dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
-    w, h = w[:, perm], h[perm][:, perm]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(weight.shape[1])
+    # Permuted before it is widened, so that one float64 copy of the weight is live, not two (each is
+    # 0.5 GB for a 1.1B LLaMA's lm_head, which stays at 8 bits and is rounded here too).
+    w = weight.detach()[:, perm].to(torch.float64)
+    w[:, dead[perm]] = 0.0
+    h = h[perm][:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     # Upper Cholesky factor of H^-1: row i holds the update that column i's error spreads to j > i.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # in the caller's column order
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
         wb, err = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=w.dtype)
@@ -73,14 +77,14 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         for j in range(end - start):
             col = wb[:, j]
             qcol = torch.clamp(torch.round(col / s), qmin, qmax) * s
-            q[:, start + j] = qcol
+            out[:, perm[start + j]] = qcol
             e = (col - qcol) / hb[j, j]
             wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
             err[:, j] = e
-        w[:, end:] -= err @ hinv[start:end, end:]
-    out = torch.empty_like(q)
-    out[:, perm] = q
-    return out.to(weight.dtype)
-
+        # The error spread to the columns left, a band of rows at a time: the whole product would be
+        # one more weight-sized float64 temporary.
+        for r in range(0, w.shape[0], UPDATE_ROWS):
+            w[r:r + UPDATE_ROWS, end:] -= err[r:r + UPDATE_ROWS] @ hinv[start:end, end:]
+    return out
 
 __all__ = ["HessianAccumulator", "gptq_round"]

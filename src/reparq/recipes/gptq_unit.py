@@ -115,17 +115,25 @@ def gptq_unit(module: nn.Module, layers: dict[str, QuantizedLayer], q_in: Tensor
 
         _layer_rows(module, layer, q_in, args, kwargs, batch_size, each)
         h = acc.hessian()
-        target = layer.weight.detach().cpu().to(torch.float64)
+        del acc, each  # each holds the accumulator too (a default argument)
+        target = layer.weight.detach().cpu()
         if float_rows is not None:
-            xq, xf = torch.cat(seen), float_rows[name]
+            xq, xf = torch.cat(seen), float_rows.pop(name)  # each layer's rows are used once: free them
+            seen.clear()
             c = xf.T @ xq / xq.shape[0]
+            del xq, xf
             hd = h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
             # W C H^-1 written as W + W (C - H) H^-1, with the damped H only in the correction: equal
-            # inputs (C = H) leave W exactly as it is.
-            target = target + torch.linalg.solve(hd, (target @ (c - h)).T).T
+            # inputs (C = H) leave W exactly as it is. Temporaries are freed as soon as used: for a
+            # 1.1B LLaMA's lm_head each weight-sized float64 tensor is 0.5 GB.
+            target = target.to(torch.float64)
+            correction = torch.linalg.solve(hd, (target @ (c - h)).T).T
+            del c, hd
+            target = (target + correction).to(layer.weight.dtype)
+            del correction
         wq = layer.weight_quantizer
-        rounded = gptq_round(target.to(layer.weight.dtype), h, wq.scale.cpu(), wq.qmin, wq.qmax, damp=damp,
-                             act_order=act_order)
+        rounded = gptq_round(target, h, wq.scale.cpu(), wq.qmin, wq.qmax, damp=damp, act_order=act_order)
+        del target
         layer.weight.data.copy_(rounded.to(layer.weight.device))
     return set(todo)
 
