@@ -31,8 +31,7 @@ import torch.nn as nn  # noqa: E402
 import reparq  # noqa: E402
 from reparq.deploy import ort_runner  # noqa: E402
 from reparq.deploy.onnx_export import torch_to_onnx  # noqa: E402
-from reparq.report.results import source_version  # noqa: E402
-from results_header import header_lines, results_header  # noqa: E402
+from reparq.report.results import header_lines, results_header, source_version  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ZOO_MODELS = ("repvgg_fm", "mobileone_fm", "deit_fm", "swin_fm")
@@ -201,7 +200,7 @@ def minilm_rows(args, work: Path) -> list[dict]:
 
 
 def write(out_dir: Path, command: str, rows: list[dict], notes: str) -> None:
-    header = results_header("latency", command, onnxruntime=__import__("onnxruntime").__version__)
+    header = results_header("latency", command, code=True, onnxruntime=__import__("onnxruntime").__version__)
     payload = {**header, "cpu": cpu_isa(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -22,8 +22,8 @@ import torch.nn as nn
 import reparq
 from reparq.data import calibration_subset
 from reparq.recipes.prepare import prepare_for_deployment
+from reparq.report.results import header_lines, results_header
 from reparq.zoo import load_model
-from results_header import header_lines, results_header
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "repapq_ranges.png", dpi=100)
     command = "python benchmarks/repapq_ranges.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    header = results_header("repapq_ranges", command)
+    header = results_header("repapq_ranges", command, code=True)
     (args.out / "repapq_ranges.json").write_text(json.dumps({**header, "rows": stats}, indent=1) + "\n")
     md = [*header_lines(header), "",
           "![ranges](repapq_ranges.png)", "",

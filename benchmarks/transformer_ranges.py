@@ -34,8 +34,8 @@ from reparq.quant.percentile_search import percentile_search_params
 from reparq.quant.ranges import params_from_range
 from reparq.quant.uniform import int_range
 from reparq.recipes.reparam import channel_params
+from reparq.report.results import header_lines, results_header
 from reparq.zoo import load_model
-from results_header import header_lines, results_header
 
 RESULTS = Path(__file__).parent / "results"
 GRIDS = ("uniform_minmax", "uniform_percentile", "log2", "logsqrt2")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     fig.savefig(args.out / "transformer_ranges.png", dpi=100, bbox_inches="tight")
 
     command = "python benchmarks/transformer_ranges.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    header = results_header("transformer_ranges", command)
+    header = results_header("transformer_ranges", command, code=True)
     payload = {**header, "model": args.model, "block_drawn": block, "postnorm_rows": range_stats,
                "probs_summary": p_summary, "probs_rows": prob_stats}
     (args.out / "transformer_ranges.json").write_text(json.dumps(payload, indent=1) + "\n")

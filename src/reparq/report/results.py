@@ -116,19 +116,35 @@ def command_history(previous: str, command: str) -> str:
     return "; ".join(dict.fromkeys(runs))
 
 
+def results_header(name: str, command: str, *, code: bool = False, **versions: str) -> dict:
+    """The header every ``results/<name>.json`` opens with (DESIGN.md section 5): benchmark,
+    command, date, machine and versions (``versions`` adds some, e.g. onnxruntime). With ``code``
+    also the library source of this run (:func:`source_version`), for files that are one run's
+    statistics and figures rather than rows that each carry their own."""
+    env = {**environment(), **versions}
+    header = {"benchmark": name, "command": command.strip(), "date": _dt.date.today().isoformat(),
+              "machine": env["machine"], "versions": {k: v for k, v in env.items() if k != "machine"}}
+    if code:
+        header["code"] = source_version()
+    return header
+
+
+def header_lines(header: dict) -> list[str]:
+    """The same header as the opening lines of ``results/<name>.md``."""
+    versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
+    lines = [f"# {header['benchmark']}", "", f"- command: `{header['command']}`", f"- date: {header['date']}",
+             f"- machine: {header['machine']}", f"- versions: {versions}"]
+    return lines + ([f"- code: {header['code']}"] if "code" in header else [])
+
+
 def write_results(out_dir: str | Path, name: str, command: str, rows: list[dict], notes: str = "",
                   extra_sections: str = "", extra_columns: tuple[str, ...] = ()) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    date = _dt.date.today().isoformat()
-    payload = {"benchmark": name, "command": command, "date": date, "machine": env["machine"],
-               "versions": {k: v for k, v in env.items() if k != "machine"}, "rows": rows}
+    payload = {**results_header(name, command), "rows": rows}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
-    versions = ", ".join(f"{k} {v}" for k, v in payload["versions"].items())
-    md = [f"# {name}", "", f"- command: `{command}`", f"- date: {date}", f"- machine: {env['machine']}",
-          f"- versions: {versions}", ""]
+    md = [*header_lines(payload), ""]
     if notes:
         md += [notes.strip(), ""]
     md += [markdown_table(rows, extra_columns), ""]
