@@ -19,7 +19,6 @@ from reparq.eval.grid import Bits
 from resumable import ZooGrid
 
 BASE_KEY = ("model", "method", "w_bits", "a_bits", "seed")
-CALIB_SIZE = 1024  # calibration images, as in ptq_baselines
 
 
 @dataclass
@@ -44,7 +43,7 @@ def run_ablation(ablation: Ablation, out: Path, command: str, models: list[str],
                  seeds: list[int], rerun: bool = False) -> list[dict]:
     """Measure every variant x model x width x seed not yet measured; the rows this run measured."""
     grid = ZooGrid(out, ablation.name, command, ablation.key, ablation.order, ablation.notes, rerun=rerun,
-                   extra_columns=("seed", *ablation.recorded, "code"), calib_size=CALIB_SIZE)
+                   extra_columns=("seed", *ablation.recorded, "code"))
     for width in widths:  # all of the first width first: the later ones are the part that may be cut short
         bits = Bits.parse(width)
         for name in models:

@@ -23,7 +23,7 @@ from pathlib import Path
 from reparq.eval.grid import Bits
 from reparq.report.tables import mean_std
 from reparq.zoo import list_models
-from resumable import ZooGrid
+from resumable import CALIB_SIZE, ZooGrid
 
 RESULTS = Path(__file__).parent / "results"
 RANGE_RECIPES = ("minmax", "percentile", "mse", "mae")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="*", default=list(BITS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--name", default="ptq_baselines", help="results file name")
-    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--calib-size", type=int, default=CALIB_SIZE)
     parser.add_argument("--rerun", action="store_true", help="measure the selected cells even if present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -123,10 +123,9 @@ def latency_table() -> str:
     # model whose "auto" choice is int8 everywhere has one row, shown under both.
     cells: dict[tuple, dict[str, dict]] = {}
     for r in all_rows:
-        storage = "int8" if r["weights"].startswith("auto (= int8") else r["weights"]
-        cells.setdefault((r["model"], r["batch"]), {})[storage] = r
-        if storage == "int8" and r["weights"].startswith("auto"):
-            cells[(r["model"], r["batch"])]["auto"] = r
+        by = cells.setdefault((r["model"], r["batch"]), {})
+        for storage in (("auto", "int8") if r["weights"].startswith("auto (= int8") else (r["weights"],)):
+            by[storage] = r
 
     def cell(by: dict[str, dict], storage: str, field: str, fmt: str = "{}") -> str:
         return fmt.format(by[storage][field]) if storage in by else "-"

@@ -53,10 +53,12 @@ class ResumableResults:
         self.mine: dict[tuple, dict] = {}  # rows measured by this run, by key
         self.items: dict[str, dict] = {}  # their per-item scores, not yet on disk
 
-    def done(self, identity: tuple) -> bool:
-        """Whether the row with this key is measured already (by this run, or on disk unless ``rerun``)."""
-        return identity in measured_keys(results_on_disk(self.path)["rows"], list(self.mine.values()), self.key,
-                                         self.stale, self.rerun)
+    def done(self, *identities: tuple) -> bool:
+        """Whether the rows with these keys are all measured already (by this run, or on disk unless
+        ``rerun``); one read of the file for a cell that writes several rows (one per metric)."""
+        measured = measured_keys(results_on_disk(self.path)["rows"], list(self.mine.values()), self.key, self.stale,
+                                 self.rerun)
+        return all(identity in measured for identity in identities)
 
     def add(self, row: dict, items: dict | None = None, item_key: str | None = None) -> None:
         """Record a measured row (stamped with this run's ``code``) and, optionally, its per-item scores."""
@@ -80,10 +82,13 @@ class ResumableResults:
         return rows
 
 
+CALIB_SIZE = 1024  # calibration images per seed, the zoo benchmarks' default
+
+
 class ZooGrid(ResumableResults):
     """A :class:`ResumableResults` of zoo models measured by top-1 on the 10k test split."""
 
-    def __init__(self, *args, calib_size: int = 1024, per_item: bool = True, **kwargs) -> None:
+    def __init__(self, *args, calib_size: int = CALIB_SIZE, per_item: bool = True, **kwargs) -> None:
         super().__init__(*args, stale=self._other_checkpoint, **kwargs)
         self.calib_size, self.per_item = calib_size, per_item
         self.test_x, self.test_y = load_fashion_mnist("test")
@@ -127,4 +132,4 @@ class ZooGrid(ResumableResults):
         return rows
 
 
-__all__ = ["ResumableResults", "ZooGrid"]
+__all__ = ["CALIB_SIZE", "ResumableResults", "ZooGrid"]

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             for recipe in args.recipes:
                 for b in args.bits or BITS[model_name]:
                     bits = Bits.parse(b)
-                    if all(results.done((model_name, recipe, bits.w, bits.a, seed, m)) for m in fp):
+                    if results.done(*((model_name, recipe, bits.w, bits.a, seed, m) for m in fp)):
                         continue
                     torch.manual_seed(seed)
                     extra = {"recon_batch_size": args.recon_batch_size} \

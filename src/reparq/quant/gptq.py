@@ -87,4 +87,5 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
             w[r:r + UPDATE_ROWS, end:] -= err[r:r + UPDATE_ROWS] @ hinv[start:end, end:]
     return out
 
+
 __all__ = ["HessianAccumulator", "gptq_round"]
