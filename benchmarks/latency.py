@@ -200,7 +200,7 @@ def minilm_rows(args, work: Path) -> list[dict]:
 
 
 def write(out_dir: Path, command: str, rows: list[dict], notes: str) -> None:
-    header = results_header("latency", command, code=True, onnxruntime=__import__("onnxruntime").__version__)
+    header = results_header("latency", command, onnxruntime=__import__("onnxruntime").__version__)
     payload = {**header, "cpu": cpu_isa(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latency.json").write_text(json.dumps(payload, indent=1) + "\n")
