@@ -32,6 +32,10 @@ FAMILY_LAYOUTS: dict[str, FamilyLayout] = {
     "BertForSequenceClassification": FamilyLayout(blocks=("bert.encoder.layer.*",), stages=("bert.encoder",)),
     "LlamaModel": FamilyLayout(blocks=("layers.*",), stages=("layers",)),
     "LlamaForCausalLM": FamilyLayout(blocks=("model.layers.*",), stages=("model.layers",)),
+    **{f"{family}{head}": FamilyLayout(blocks=(f"{prefix}layers.*",), stages=(f"{prefix}layers",))
+       for family in ("Mistral", "Qwen2") for head, prefix in (("Model", ""), ("ForCausalLM", "model."))},
+    "OPTModel": FamilyLayout(blocks=("decoder.layers.*",), stages=("decoder.layers",)),
+    "OPTForCausalLM": FamilyLayout(blocks=("model.decoder.layers.*",), stages=("model.decoder.layers",)),
 }
 
 

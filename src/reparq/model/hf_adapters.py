@@ -1,4 +1,5 @@
-"""Attention adapters for Hugging Face transformers: BERT self-attention and LLaMA attention.
+"""Attention adapters for Hugging Face transformers: BERT self-attention, LLaMA attention (and
+the LLaMA-architecture Mistral and Qwen2), OPT attention.
 
 Why an attention *function* and not a re-written forward: in transformers 5.x every attention
 module computes q, k, v (and LLaMA's rotary embedding, grouped-query heads and KV cache) itself
@@ -28,7 +29,7 @@ import copy
 import fnmatch
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -57,7 +58,25 @@ class HFFamily:
     exclusive_norms: bool
     not_post_act: tuple[str, ...] = ()
     inner_inputs: tuple[str, ...] = ()  # Linears inside a block that no norm feeds (relative to the block)
+    # Post-LN: the norm (relative to a block) whose output is the next block's input and so feeds
+    # its ``qkv``; ``first_qkv_norm`` (a full-name suffix) feeds the first block's, if any.
+    qkv: tuple[str, ...] = ()
+    qkv_from_previous: str | None = None
+    first_qkv_norm: str | None = None
 
+
+_LLAMA = HFFamily(
+    attention=("LlamaAttention",),
+    blocks=r"(?:.*\.)?layers\.\d+",
+    post_norm=("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.mlp.gate_proj",
+               "*.mlp.up_proj"),
+    post_act=("*.mlp.down_proj",),
+    norm_consumers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    exclusive_norms=True,
+    inner_inputs=("self_attn.o_proj", "mlp.down_proj"),
+)
+_OPT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 HF_FAMILIES: dict[str, HFFamily] = {
     "bert": HFFamily(
@@ -67,27 +86,43 @@ HF_FAMILIES: dict[str, HFFamily] = {
                    "*.intermediate.dense"),
         post_act=("*.output.dense",),
         not_post_act=("*.attention.output.dense",),  # the attention output projection reads the context
-        # qkv of layer i read the previous layer's output.LayerNorm (or the embeddings' norm): see norm_consumers.
         norm_consumers=(("attention.output.LayerNorm", ("intermediate.dense",)),),
         exclusive_norms=False,
         inner_inputs=("attention.output.dense", "output.dense"),
+        qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
+        qkv_from_previous="output.LayerNorm",
+        first_qkv_norm="embeddings.LayerNorm",
     ),
-    "llama": HFFamily(
-        attention=("LlamaAttention",),
-        blocks=r"(?:.*\.)?layers\.\d+",
-        post_norm=("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.mlp.gate_proj",
-                   "*.mlp.up_proj"),
-        post_act=("*.mlp.down_proj",),
-        norm_consumers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    "llama": _LLAMA,
+    # Same layer layout and names as LLaMA (Qwen2 adds biases to q/k/v, which the RMSNorm fold's
+    # shared zero point leaves alone; Mistral's sliding window arrives in the mask the model builds).
+    "mistral": replace(_LLAMA, attention=("MistralAttention",)),
+    "qwen2": replace(_LLAMA, attention=("Qwen2Attention",)),
+    # Pre-LN OPT (every size but 350m); :func:`_spec` turns it into the post-LN layout where the
+    # config says ``do_layer_norm_before=False``.
+    "opt": HFFamily(
+        attention=("OPTAttention",),
+        blocks=r"(?:.*\.)?decoder\.layers\.\d+",
+        post_norm=("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.fc1"),
+        post_act=("*.fc2",),
+        norm_consumers=(("self_attn_layer_norm", _OPT_QKV), ("final_layer_norm", ("fc1",))),
         exclusive_norms=True,
-        inner_inputs=("self_attn.o_proj", "mlp.down_proj"),
+        inner_inputs=("self_attn.out_proj", "fc2"),
     ),
 }
+# Post-LN OPT: each norm ends a residual branch, so its output is also the residual stream; the
+# attention norm feeds fc1, the final norm the next layer's q/k/v (the first layer's read the embeddings).
+_OPT_POST_LN = replace(HF_FAMILIES["opt"], norm_consumers=(("self_attn_layer_norm", ("fc1",)),),
+                       exclusive_norms=False, qkv=_OPT_QKV, qkv_from_previous="final_layer_norm")
 # (module path, class name) of the attention classes registered with the attention adapters.
 _HF_CLASSES = (("transformers.models.bert.modeling_bert", "BertSelfAttention"),
-               ("transformers.models.llama.modeling_llama", "LlamaAttention"))
-_REGISTERED = False
+               ("transformers.models.llama.modeling_llama", "LlamaAttention"),
+               ("transformers.models.mistral.modeling_mistral", "MistralAttention"),
+               ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"),
+               ("transformers.models.opt.modeling_opt", "OPTAttention"))
+_ALWAYS = 2  # the first classes (the zoo's families) are imported and registered on the first call
+_REGISTERED: set[str] = set()  # attention classes registered so far
+_FUNCTION_REGISTERED = False
 
 
 def _float_class_name(module: nn.Module) -> str:
@@ -96,9 +131,18 @@ def _float_class_name(module: nn.Module) -> str:
 
 
 def hf_family(model: nn.Module) -> str | None:
-    """'bert', 'llama' or None, from the attention classes the model contains."""
+    """A key of :data:`HF_FAMILIES` ('bert', 'llama', 'mistral', 'qwen2', 'opt') or None, from
+    the attention classes the model contains."""
     names = {_float_class_name(m) for m in model.modules()}
     return next((f for f, spec in HF_FAMILIES.items() if names.intersection(spec.attention)), None)
+
+
+def _spec(model: nn.Module, family: str) -> HFFamily:
+    """The family's table, for this model's configuration (post-LN OPT has its own)."""
+    config = getattr(model, "config", None)
+    if family == "opt" and config is not None and not getattr(config, "do_layer_norm_before", True):
+        return _OPT_POST_LN
+    return HF_FAMILIES[family]
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -192,29 +236,36 @@ def _hf_attention_forward(self, *args, **kwargs):
 
 
 def register_hf_attention() -> None:
-    """Register ``"reparq"`` with transformers and the HF classes with the attention adapters (once).
+    """Register ``"reparq"`` with transformers and the HF classes with the attention adapters
+    (each once; safe to call again).
 
     The mask builder registered for ``"reparq"`` is eager's, for a model whose own config a
     user switches to ``"reparq"``.
     """
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-    from transformers.modeling_utils import AttentionInterface
+    import sys
 
+    global _FUNCTION_REGISTERED
+    if not _FUNCTION_REGISTERED:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, quantized_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, eager_mask)
+        _FUNCTION_REGISTERED = True
     from reparq.model.attention_adapters import register_attention
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, quantized_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, eager_mask)
-    for module_path, class_name in _HF_CLASSES:
-        register_attention(getattr(importlib.import_module(module_path), class_name))(_hf_attention_forward)
-    _REGISTERED = True
+    # The other families only once their modeling module is imported (a model of theirs exists):
+    # importing every family's code for a BERT would cost time for nothing. Called again on every
+    # quantization (attention_adapters), so a family imported later is picked up then.
+    for i, (module_path, class_name) in enumerate(_HF_CLASSES):
+        if class_name not in _REGISTERED and (i < _ALWAYS or module_path in sys.modules):
+            register_attention(getattr(importlib.import_module(module_path), class_name))(_hf_attention_forward)
+            _REGISTERED.add(class_name)
 
 
 def adapt_hf_attention(model: nn.Module, a_bits: int, probs: str = "uniform",
                        ignore: tuple[str, ...] = ()) -> list[str]:
-    """Attach MatmulQuantizers to every BERT/LLaMA attention module (in place); returns their names.
+    """Attach MatmulQuantizers to every attention module of a known HF family (in place); returns their names.
 
     The shared pass :func:`reparq.model.attention_adapters.adapt_attention` (``probs``:
     ``"uniform"`` for baselines, ``"logsqrt2"``/``"log2"`` for RepQ-ViT / RepQuant), once the
@@ -264,7 +315,7 @@ def quantization_points(model: nn.Module) -> list[QuantPoint]:
     shows what would be quantized); matmul inputs count where an adapter attached them.
     """
     family = hf_family(model)
-    spec = HF_FAMILIES[family] if family else None
+    spec = _spec(model, family) if family else None
     points: list[QuantPoint] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -297,27 +348,28 @@ def inner_inputs(model: nn.Module) -> list[str]:
     family, modules, blocks = _family_blocks(model)
     if family is None:
         return []
-    return [f"{b}.{rel}" for b in blocks for rel in HF_FAMILIES[family].inner_inputs if f"{b}.{rel}" in modules]
+    return [f"{b}.{rel}" for b in blocks for rel in _spec(model, family).inner_inputs if f"{b}.{rel}" in modules]
 
 
 def norm_consumers(model: nn.Module) -> list[tuple[str, list[str], bool]]:
     """(norm name, consumer Linear names, exclusive) for every norm that feeds qkv or fc1.
 
-    ``exclusive`` False: the norm output is also the residual stream (BERT), so a per-channel
-    scale cannot be folded into the norm itself, only into its consumers.
+    ``exclusive`` False: the norm output is also the residual stream (BERT, post-LN OPT), so a
+    per-channel scale cannot be folded into the norm itself, only into its consumers.
     """
     family, modules, blocks = _family_blocks(model)
     if family is None:
         return []
-    spec = HF_FAMILIES[family]
+    spec = _spec(model, family)
     out = []
-    prev_norm = next((n for n in modules if n.endswith("embeddings.LayerNorm")), None)
+    first = spec.first_qkv_norm
+    prev_norm = next((n for n in modules if first and n.endswith(first)), None)
     for block in blocks:
-        if family == "bert":  # qkv read the previous layer's (or the embeddings') output norm
-            qkv = [f"{block}.attention.self.{p}" for p in ("query", "key", "value")]
-            if prev_norm is not None:
+        if spec.qkv_from_previous:  # post-LN: qkv read the previous layer's (or the embeddings') output norm
+            qkv = [f"{block}.{p}" for p in spec.qkv]
+            if prev_norm is not None and all(n in modules for n in qkv):
                 out.append((prev_norm, qkv, spec.exclusive_norms))
-            prev_norm = f"{block}.output.LayerNorm"
+            prev_norm = f"{block}.{spec.qkv_from_previous}"
         for norm, consumers in spec.norm_consumers:
             names = [f"{block}.{c}" for c in consumers]
             if f"{block}.{norm}" in modules and all(n in modules for n in names):
