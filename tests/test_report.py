@@ -98,6 +98,8 @@ def test_agreement_kinds():
     emb = torch.randn(3, 4, 5)
     assert agreement(emb, emb) == pytest.approx(100.0)  # cosine for anything else
     assert agreement(emb, -emb) == pytest.approx(-100.0)
+    logits = torch.randn(2, 512, 3000, generator=torch.Generator().manual_seed(0)) * 5  # an LM's [N, T, V]
+    assert abs(agreement(logits, logits) - 100.0) < 1e-9  # float32 sums gave 100.004
 
 
 def test_reconstruction_loss_curves_are_recorded_thinned_and_saved(tmp_path):

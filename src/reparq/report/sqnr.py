@@ -155,5 +155,7 @@ def agreement(pred: torch.Tensor, target: torch.Tensor) -> float:
         return 100.0 * float((pred.argmax(dim=-1) == target).float().mean())
     if pred.ndim == 2:
         return 100.0 * float((pred.argmax(dim=1) == target.argmax(dim=1)).float().mean())
-    cos = torch.nn.functional.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1)
-    return 100.0 * float(cos.mean())
+    # In float64: a causal LM's logits flatten to millions of values per sample, over which float32
+    # sums put a model's agreement with itself at 100.004.
+    cos = torch.nn.functional.cosine_similarity(pred.flatten(1).double(), target.flatten(1).double(), dim=1)
+    return 100.0 * float(cos.clamp(-1.0, 1.0).mean())
