@@ -73,6 +73,32 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits):
         assert torch.equal(loaded(input_ids=ids).logits, q(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_llama_layout_families_stream_bit_for_bit(tmp_path, family):
+    # Same layer layout and names as LLaMA (Qwen2 with biased q/k/v), so the streamed path applies.
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 attn_implementation="eager", use_cache=False)).eval()
+    with torch.no_grad():  # Qwen2 initializes its q/k/v biases to zero
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+    src, ids = _saved(model, tmp_path / "src"), _ids()
+    q = reparq.quantize(model, {"input_ids": ids}, recipe="repquant", w_bits=4, a_bits=8, batch_size=8,
+                        **RECIPES["repquant"])
+    _, expected = export_state(q)
+    res = quantize_streamed(src, ids, tmp_path / "out", recipe="repquant", w_bits=4, a_bits=8, batch_size=8,
+                            **RECIPES["repquant"])
+    got = _tensors(res.out_dir)
+    assert set(got) == set(expected) and [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    if family == "qwen2":
+        assert got["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
+
+
 def test_interrupted_run_resumes_and_matches(tmp_path):
     src = _saved(_llama(layers=4), tmp_path / "src")
     ids = _ids()

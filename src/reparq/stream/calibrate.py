@@ -56,6 +56,9 @@ from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_c
 from reparq.stream.state import StreamState, fingerprint
 
 STREAMABLE = ("repqvit", "repquant")
+# Families with LLaMA's layer layout and names (reparq.model.hf_adapters.HF_FAMILIES): the streamed
+# path runs their decoder layers one at a time by those names.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
 PARTS_DIR = "parts"
 
 
@@ -208,8 +211,9 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf_config = load_config(model_dir)
     skeleton = build_skeleton(hf_config)
-    if hf_family(skeleton) != "llama":
-        raise ReparqError(f"streamed calibration supports LLaMA-architecture decoders, not {type(skeleton).__name__}")
+    if hf_family(skeleton) not in LLAMA_LAYOUT:
+        raise ReparqError(f"streamed calibration supports decoders with LLaMA's layer layout "
+                          f"({', '.join(LLAMA_LAYOUT)}), not {type(skeleton).__name__}")
     checkpoint = LazyCheckpoint(model_dir)
     plan = _plan(skeleton, config, opts)
     phases = _phases(recipe, opts, plan, w_bits, a_bits)
