@@ -23,7 +23,13 @@ from transformers import (  # noqa: E402
 import reparq  # noqa: E402
 from reparq.config import QuantConfig  # noqa: E402
 from reparq.model.blocks import discover_units  # noqa: E402
-from reparq.model.hf_adapters import adapt_hf_attention, attention_modules, count_points, hf_family, norm_consumers  # noqa: E402
+from reparq.model.hf_adapters import (  # noqa: E402
+    adapt_hf_attention,
+    attention_modules,
+    count_points,
+    hf_family,
+    norm_consumers,
+)
 from reparq.model.postnorm import ShiftedNorm, find_consumer_side_groups, find_postnorm_pairs  # noqa: E402
 from reparq.nn.attention import matmul_quantizers  # noqa: E402
 from reparq.nn.qmodules import quantized_layers  # noqa: E402

@@ -20,14 +20,23 @@ from reparq.stream import LazyCheckpoint, quantize_streamed, write_sharded
 
 
 
-def _llama(layers: int = 3, hidden: int = 32, inter: int = 64, tied: bool = False, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama(layers: int = 3, hidden: int = 32, inter: int = 64, tied: bool = False, seed: int = 0,
+           family: str = "llama"):
+    """A LLaMA-layout decoder (``family``: llama, or mistral / qwen2, which the streamed path also takes)."""
+    import transformers
 
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, attn_implementation="eager", use_cache=False)
-    return LlamaForCausalLM(cfg).eval()
+    cfg = getattr(transformers, f"{prefix}Config")(
+        vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, attn_implementation="eager",
+        use_cache=False)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # Qwen2 initializes its q/k/v biases to zero (LLaMA has none)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model
 
 
 def _ids(n: int = 20, t: int = 16, seed: int = 1) -> torch.Tensor:
@@ -51,11 +60,15 @@ RECIPES = {"repqvit": {}, "repquant": {"iters": 6, "clip_iters": 5}}
 
 
 # W4A8: repquant's "auto" rounding is GPTQ there (repquant.gptq_for), which the streamed path must follow.
-@pytest.mark.parametrize("recipe,tied,bits", [("repqvit", False, (4, 4)), ("repquant", True, (4, 4)),
-                                              ("repquant", False, (4, 8))])
-def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits):
+# Mistral and Qwen2 (biased q/k/v) have LLaMA's layer layout and names, so the streamed path takes them too.
+@pytest.mark.parametrize("recipe,tied,bits,family", [("repqvit", False, (4, 4), "llama"),
+                                                     ("repquant", True, (4, 4), "llama"),
+                                                     ("repquant", False, (4, 8), "llama"),
+                                                     ("repquant", False, (4, 8), "qwen2"),
+                                                     ("repquant", False, (4, 8), "mistral")])
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits, family):
     w_bits, a_bits = bits
-    model = _llama(tied=tied)
+    model = _llama(tied=tied, family=family)
     src = _saved(model, tmp_path / "src")
     assert len(LazyCheckpoint(src).weight_map) > 0 and (src / "model.safetensors.index.json").exists()  # sharded
     ids = _ids()
@@ -68,35 +81,11 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits):
     assert set(got) == set(expected)
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
     assert any(k.endswith(".weight_int") for k in got)
+    if family == "qwen2":
+        assert got["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
     loaded = reparq.load(res.out_dir)  # builds the architecture from the source's config.json
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, q(input_ids=ids).logits)
-
-
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_llama_layout_families_stream_bit_for_bit(tmp_path, family):
-    # Same layer layout and names as LLaMA (Qwen2 with biased q/k/v), so the streamed path applies.
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 attn_implementation="eager", use_cache=False)).eval()
-    with torch.no_grad():  # Qwen2 initializes its q/k/v biases to zero
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.1)
-    src, ids = _saved(model, tmp_path / "src"), _ids()
-    q = reparq.quantize(model, {"input_ids": ids}, recipe="repquant", w_bits=4, a_bits=8, batch_size=8,
-                        **RECIPES["repquant"])
-    _, expected = export_state(q)
-    res = quantize_streamed(src, ids, tmp_path / "out", recipe="repquant", w_bits=4, a_bits=8, batch_size=8,
-                            **RECIPES["repquant"])
-    got = _tensors(res.out_dir)
-    assert set(got) == set(expected) and [k for k in expected if not torch.equal(expected[k], got[k])] == []
-    if family == "qwen2":
-        assert got["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
 
 
 def test_interrupted_run_resumes_and_matches(tmp_path):

@@ -110,6 +110,8 @@ HF_FAMILIES: dict[str, HFFamily] = {
         inner_inputs=("self_attn.out_proj", "fc2"),
     ),
 }
+# The families that are LLaMA's table but for the attention class: same layer layout and names.
+LLAMA_LAYOUT = tuple(f for f, spec in HF_FAMILIES.items() if replace(spec, attention=_LLAMA.attention) == _LLAMA)
 # Post-LN OPT: each norm ends a residual branch, so its output is also the residual stream; the
 # attention norm feeds fc1, the final norm the next layer's q/k/v (the first layer's read the embeddings).
 _OPT_POST_LN = replace(HF_FAMILIES["opt"], norm_consumers=(("self_attn_layer_norm", ("fc1",)),),

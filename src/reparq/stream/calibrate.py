@@ -56,9 +56,6 @@ from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_c
 from reparq.stream.state import StreamState, fingerprint
 
 STREAMABLE = ("repqvit", "repquant")
-# Families with LLaMA's layer layout and names (reparq.model.hf_adapters.HF_FAMILIES): the streamed
-# path runs their decoder layers one at a time by those names.
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
 PARTS_DIR = "parts"
 
 
@@ -197,7 +194,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     is called after each saved step (tests use it to interrupt a run).
     """
     from reparq.api import QuantInfo, resolve_recipe
-    from reparq.model.hf_adapters import hf_family, register_hf_attention
+    from reparq.model.hf_adapters import LLAMA_LAYOUT, hf_family, register_hf_attention
 
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ReparqError(f"device {device!r} requested but no CUDA device is visible")
@@ -211,7 +208,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf_config = load_config(model_dir)
     skeleton = build_skeleton(hf_config)
-    if hf_family(skeleton) not in LLAMA_LAYOUT:
+    if hf_family(skeleton) not in LLAMA_LAYOUT:  # their decoder layers are run one at a time by LLaMA's names
         raise ReparqError(f"streamed calibration supports decoders with LLaMA's layer layout "
                           f"({', '.join(LLAMA_LAYOUT)}), not {type(skeleton).__name__}")
     checkpoint = LazyCheckpoint(model_dir)
