@@ -151,11 +151,106 @@ def test_recipes_beat_their_mse_start_at_w4a4():
 
 
 def test_unknown_model_without_blocks_suggests_globs():
-    model, x = _tiny()
-    with pytest.raises(ReparqError, match="block_globs"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), ResBlock(8), nn.Flatten(), nn.Linear(8 * 36, 10)).eval()
+    x = torch.randn(16, 1, 8, 8)  # one block, nothing repeats: nothing to infer blocks from
+    with pytest.raises(ReparqError, match="no repeated blocks found.*block_globs"):
         reparq.quantize(model, x, recipe="brecq", iters=1)
     with pytest.raises(ReparqError, match="pass block_globs"):
         reparq.quantize(model, x, recipe="brecq", iters=1, block_globs=("nothing.*",))
+
+
+def _partition(units) -> tuple[list, list]:
+    """(quantized layers per unit, blocks per stage): what reconstruction and ABC act on."""
+    stages: dict = {}
+    for u in units:
+        if u.stage:
+            stages.setdefault(u.stage, []).append(u.name)
+    return sorted(sorted(u.layers) for u in units), sorted(stages.values())
+
+
+def _hf(family: str, cls: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    extra = {"ffn_dim": 64} if family == "OPT" else {"pad_token_id": 0} if cls.endswith("Classification") else {}
+    cfg = getattr(transformers, f"{family}Config")(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                     num_attention_heads=2, vocab_size=64, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(cfg).eval()
+
+
+def test_inferred_layout_equals_the_family_table():
+    """Without the table, the repeated structure gives the same units and stage grouping: ByobNet
+    split from stages into blocks, Swin's patch merging its own unit, each HF layer one block."""
+    from reparq.model.blocks import FAMILY_LAYOUTS, infer_layout
+    from reparq.model.merge import merge_branches
+    from reparq.recipes.insert import insert_quantizers
+    from reparq.zoo.architectures import ARCHITECTURES
+
+    models = {n: ARCHITECTURES[n]() for n in ("repvgg_fm", "mobileone_fm", "deit_fm", "swin_fm")}
+    models.update({cls: _hf(fam, cls) for fam, cls in (("Llama", "LlamaForCausalLM"), ("Bert", "BertModel"),
+                                                        ("OPT", "OPTForCausalLM"), ("Qwen2", "Qwen2ForCausalLM"))})
+    for name, model in models.items():
+        merge_branches(model)
+        insert_quantizers(model, QuantConfig())
+        table, inferred = FAMILY_LAYOUTS[type(model).__name__], infer_layout(model)
+        by_table = discover_units(model, table.blocks, table.stages)
+        assert _partition(discover_units(model, inferred.blocks, inferred.stages)) == _partition(by_table), name
+        assert len([u for u in by_table if u.stage]) >= 2, name  # the comparison has blocks to compare
+
+
+def test_model_outside_the_table_gets_blocks_from_its_structure():
+    from reparq.model.blocks import FAMILY_LAYOUTS
+
+    model = _hf("Llama", "LlamaForSequenceClassification")  # a head class the table does not name
+    assert type(model).__name__ not in FAMILY_LAYOUTS
+    q = reparq.quantize(model, torch.randint(1, 64, (8, 12)), recipe="brecq", w_bits=4, a_bits=8, iters=2,
+                        recon_batch_size=4)
+    units = discover_units(q)
+    assert [u.name for u in units if u.kind == "block"] == [f"model.layers.{i}" for i in range(3)]
+    assert {u.stage for u in units if u.kind == "block"} == {"model.layers"}
+    assert [u.name for u in units if u.kind == "layer"] == ["score"]
+    tiny, _ = _tiny()
+    assert _partition(discover_units(quantized(tiny))) == _partition(discover_units(quantized(tiny), ("blocks.*",),
+                                                                                  ("blocks",)))
+
+
+def quantized(model: nn.Module) -> nn.Module:
+    from reparq.recipes.insert import insert_quantizers
+
+    model = copy.deepcopy(model)
+    insert_quantizers(model, QuantConfig())
+    return model
+
+
+class _Expert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _MoELayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+        self.mlp = nn.Module()
+        self.mlp.experts = nn.ModuleList([_Expert(), _Expert()])
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + sum(e(x) for e in self.mlp.experts)
+
+
+def test_stack_inside_a_block_does_not_split_it():
+    """A decoder layer's MoE experts repeat too, but splitting there would leave attention in no
+    block: the layers stay the units."""
+    from reparq.model.blocks import infer_layout
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(_MoELayer(), _MoELayer(), _MoELayer()), nn.Linear(8, 2))
+    layout = infer_layout(quantized(model))
+    assert layout.blocks == ("1.0", "1.1", "1.2") and layout.stages == ("1",)
 
 
 def test_discovery_on_zoo_families_counts_units():
