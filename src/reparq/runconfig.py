@@ -440,7 +440,7 @@ def execute(run: RunConfig, reporter=None, save_dir: str | None = None, eval_siz
     """Quantize any model the run names and compare it with its float self (the ``reparq quantize``
     path for models and data outside the zoo, where there are no labels to score against)."""
     from reparq.api import quantize
-    from reparq.report.sqnr import agreement, predictions, sqnr_db
+    from reparq.report.sqnr import compare_outputs
     from reparq.sources import evaluation_set, load_calibration, load_model_source, short_name
 
     model = load_model_source(run.model or DEFAULT_MODEL, run.weights)
@@ -448,9 +448,7 @@ def execute(run: RunConfig, reporter=None, save_dir: str | None = None, eval_siz
     calib = load_calibration(run.calib, model, run.model, seed=run.seed)
     inputs, labels, note = evaluation_set(run, calib, eval_size)
     qmodel = quantize(model, calib, config=run, reporter=reporter)
-    fp, q = predictions(model, inputs), predictions(qmodel, inputs)
-    target = labels if labels is not None else fp
-    fp_score, q_score = agreement(fp, target), agreement(q, target)
+    scores = compare_outputs(model, qmodel, inputs, labels)
     if save_dir:  # only after everything succeeded
         from reparq.deploy.serialize import save
 
@@ -458,9 +456,8 @@ def execute(run: RunConfig, reporter=None, save_dir: str | None = None, eval_siz
     info = qmodel.reparq_info
     return {"model": short_name(run.model), "source": run.model, "method": run.recipe, "w_bits": run.w_bits,
             "a_bits": run.a_bits,
-            "metric": "top1" if labels is not None else "agreement", "fp": round(fp_score, 2),
-            "quant": round(q_score, 2), "delta": round(q_score - fp_score, 2),
-            "output_sqnr_db": round(sqnr_db(float(fp.double().pow(2).sum()),
-                                            float((fp.double() - q.double()).pow(2).sum())), 2),
+            "metric": "top1" if labels is not None else "agreement", "fp": round(scores.fp_score, 2),
+            "quant": round(scores.q_score, 2), "delta": round(scores.q_score - scores.fp_score, 2),
+            "output_sqnr_db": round(scores.sqnr_db, 2),
             "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": run.seed,
             "evaluated_on": note}

@@ -15,8 +15,9 @@ Memory is one unit plus its cached inputs/outputs; caches go to disk above a thr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,11 @@ class ReconConfig:
     gptq_float_target: bool = False  # match the float model's layer outputs, not W on the quantized inputs
     cache_threshold_mb: float = 512.0
     cache_dir: str | None = None
+    # A training step's samples go through the unit in slices of at most this many MB of output,
+    # gradients summed: the step is the same, while a language model's head (logits of a 30k
+    # vocabulary are 15 MB per 128-token sample) no longer holds a whole minibatch of them, their
+    # targets, differences and gradients at once.
+    micro_batch_mb: float = 128.0
 
 
 class _StopForward(Exception):
@@ -91,11 +97,11 @@ def without_caches(kwargs: dict) -> dict:
 
 @dataclass
 class UnitCall:
-    """How a unit was called in a traced forward: its order, first input, output, other arguments."""
+    """How a unit was called in a traced forward: its order, whether its first input is the
+    previous unit's output as is, and its other arguments."""
 
     order: int
-    inp: torch.Tensor
-    out: torch.Tensor
+    chained: bool
     args: tuple
     kwargs: dict
 
@@ -105,21 +111,26 @@ def trace_units(model: nn.Module, units: list[Unit], batch: torch.Tensor) -> tup
     """Units in execution order; for each, whether it consumes the previous unit's output as is;
     and each unit's call (its non-first arguments are replayed when the unit runs on cached inputs,
     so they must not depend on the samples: true of CNN/ViT blocks, and of masks shared by a batch)."""
-    # Hold the tensors themselves (not their ids, which Python reuses once a tensor is freed).
+    # Only the latest unit's output is held (a tensor, not its id, which Python reuses once the
+    # tensor is freed): every unit's output on a whole batch would be a language model's logits
+    # kept through the entire reconstruction.
     calls: dict[str, UnitCall] = {}
+    latest: list[torch.Tensor | None] = [None]
     hooks = []
     for u in units:
         def hook(mod, args, kwargs, out, name=u.name):
             if name not in calls and args:
-                calls[name] = UnitCall(len(calls), args[0], _first(out), args[1:], without_caches(kwargs))
+                calls[name] = UnitCall(len(calls), args[0] is latest[0], args[1:], without_caches(kwargs))
+                latest[0] = _first(out)
         hooks.append(model.get_submodule(u.name).register_forward_hook(hook, with_kwargs=True))
     try:
         forward_batch(model, batch)
     finally:
         for h in hooks:
             h.remove()
+        latest.clear()
     ordered = sorted((u for u in units if u.name in calls), key=lambda u: calls[u.name].order)
-    chained = [False] + [calls[b.name].inp is calls[a.name].out for a, b in zip(ordered, ordered[1:])]
+    chained = [False] + [calls[u.name].chained for u in ordered[1:]]
     return ordered, chained, calls
 
 
@@ -145,6 +156,12 @@ def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) ->
     return inputs
 
 
+def micro_batch(fp_out: TensorCache, budget_mb: float) -> int:
+    """Samples per slice of a training step: as many as keep one slice's output within budget."""
+    per_sample = 4 * math.prod(fp_out.shape[1:])
+    return max(1, int(budget_mb * 2**20 // per_sample))
+
+
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
     """Sum over features, mean over samples (the BRECQ convention the regularizer weight assumes)."""
     return (pred - target).abs().pow(p).flatten(1).sum(1).mean()
@@ -155,12 +172,20 @@ def module_device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, batch_size: int) -> list[torch.Tensor]:
-    """The unit's outputs on every cached input, kept on the CPU (caches live there; the unit may
-    run on a GPU)."""
+def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, batch_size: int,
+             budget_mb: float | None = None) -> Iterator[torch.Tensor]:
+    """The unit's outputs on every cached input, batch by batch, on the CPU (caches live there;
+    the unit may run on a GPU). With ``budget_mb``, a one-sample probe sizes the batches so that
+    none holds more output than that (a language model's logits); smaller outputs keep
+    ``batch_size``."""
     dev = module_device(module)
-    return [_first(module(x.to(dev), *args, **kwargs)).detach().cpu() for x in cache.batches(batch_size)]
+    with torch.no_grad():
+        if budget_mb is not None and len(cache):
+            probe = _first(module(cache.take(torch.arange(1)).to(dev), *args, **kwargs))
+            batch_size = max(1, min(batch_size, int(budget_mb * 2**20 // (4 * probe[0].numel()))))
+            del probe
+        for x in cache.batches(batch_size):
+            yield _first(module(x.to(dev), *args, **kwargs)).detach().cpu()
 
 
 class UnitTrainer:
@@ -237,17 +262,20 @@ class UnitTrainer:
                     keep = torch.rand((len(idx), *x.shape[1:]), generator=self.gen, device="cpu") < cfg.drop_prob
                     x = torch.where(keep if mine is None else keep[mine], fp_in.take(local), x)
                 opt.zero_grad(set_to_none=True)
-                loss = torch.zeros((), device=dev)
                 rec = torch.zeros((), device=dev)
-                if len(local):
-                    out = _first(self.module(x.to(dev), *args, **kwargs))
+                per = micro_batch(fp_out, cfg.micro_batch_mb)
+                for start in range(0, len(local), per):  # one slice unless the outputs are large
+                    part = local[start:start + per]
+                    out = _first(self.module(x[start:start + per].to(dev), *args, **kwargs))
                     # Sum over this rank's samples / global minibatch size: summed over ranks, the mean.
-                    rec = lp_loss(out, fp_out.take(local).to(dev), cfg.loss_p) * (len(local) / len(idx))
-                    loss = cfg.block_weight * rec
-                    if extra_loss is not None:
-                        loss = loss + extra_loss(out, local)
-                if loss.requires_grad:
-                    loss.backward()
+                    part_rec = lp_loss(out, fp_out.take(part).to(dev), cfg.loss_p) * (len(part) / len(idx))
+                    loss = cfg.block_weight * part_rec
+                    if extra_loss is not None:  # a mean over the samples it is given, like lp_loss
+                        loss = loss + extra_loss(out, part) * (len(part) / len(local))
+                    if loss.requires_grad:
+                        loss.backward()
+                    rec = rec + part_rec.detach()
+                    del out, loss
                 beta = beta_schedule(step, cfg.iters, cfg.warmup)
                 if beta is not None and (dp is None or dp.rank == 0):
                     # The rounding regularizer's gradient goes straight into V.grad (see AdaRound).
@@ -338,9 +366,10 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
         if make_extra_loss is not None:
             def make_extra(fp_out, k=k, unit=unit):
                 return make_extra_loss(model, unit, k, ordered, fp_out, calls[unit.name].args, calls[unit.name].kwargs)
-        stat, fp_prev_out, q_prev_out = reconstruct_unit(model, unit, fp_in_b, q_in_b, calls[unit.name].args,
-                                                         calls[unit.name].kwargs, cfg, seed * 1000 + k, reporter,
-                                                         make_extra)
+        fp_prev_out = q_prev_out = None  # the lists below are consumed into the unit's caches
+        stat, fp_prev_out, q_prev_out = reconstruct_unit(
+            model, unit, fp_in_b, q_in_b, calls[unit.name].args, calls[unit.name].kwargs, cfg, seed * 1000 + k,
+            reporter, make_extra, consume_inputs=True, keep_outputs=k + 1 < len(ordered) and chained[k + 1])
         stats.append(stat)
     _set_units_quant(model, ordered, True)
     return stats
@@ -348,17 +377,23 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
 
 def reconstruct_unit(model: nn.Module, unit: Unit, fp_in_b: list[torch.Tensor], q_in_b: list[torch.Tensor],
                      args: tuple, kwargs: dict, cfg: ReconConfig, unit_seed: int, reporter: Reporter = SILENT,
-                     make_extra=None) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+                     make_extra=None, consume_inputs: bool = False,
+                     keep_outputs: bool = True) -> tuple[dict, list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """One unit, given its float and quantized-prefix inputs (batches); its quantizers must be off.
 
-    Returns (stats, float outputs, quantized outputs): the next unit's inputs. The streamed path
+    Returns (stats, float outputs, quantized outputs): the next unit's inputs, or None for both
+    without ``keep_outputs``. ``consume_inputs`` empties the input lists once cached, so a caller
+    that is done with them does not hold every input twice. The streamed path
     (:mod:`reparq.stream`) calls this directly, one decoder layer at a time."""
     module = model.get_submodule(unit.name)
     mk = dict(threshold_mb=cfg.cache_threshold_mb, cache_dir=cfg.cache_dir)
-    fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", **mk)
-    q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", **mk)
-    fp_out_b = run_unit(module, fp_in, args, kwargs, cfg.recon_batch_size * 8)
-    fp_out = TensorCache(fp_out_b, name=f"{unit.name}.fp_out", **mk)
+    fp_in = TensorCache(fp_in_b, name=f"{unit.name}.fp_in", consume=consume_inputs, **mk)
+    q_in = TensorCache(q_in_b, name=f"{unit.name}.q_in", consume=consume_inputs, **mk)
+    out_batch = cfg.recon_batch_size * 8
+    # Written into the cache as they come; the next unit gets views of it where it is in memory.
+    fp_out = TensorCache(run_unit(module, fp_in, args, kwargs, out_batch, cfg.micro_batch_mb), total=len(fp_in),
+                         name=f"{unit.name}.fp_out", **mk)
+    fp_out_b = fp_out.views(out_batch) if keep_outputs else None
     _set_units_quant(model, [unit], True)
     extra = make_extra(fp_out) if make_extra is not None else None
     fixed: set[str] = set()
@@ -371,7 +406,7 @@ def reconstruct_unit(model: nn.Module, unit: Unit, fp_in_b: list[torch.Tensor], 
                           quant_switch=lambda on: _set_units_quant(model, [unit], on))
     trainer = UnitTrainer(model, unit, cfg, seed=unit_seed, fixed_weights=frozenset(fixed))
     stat = trainer.train(q_in, fp_in, fp_out, args, kwargs, reporter, extra)
-    q_out_b = run_unit(module, q_in, args, kwargs, cfg.recon_batch_size * 8)
+    q_out_b = list(run_unit(module, q_in, args, kwargs, out_batch, cfg.micro_batch_mb)) if keep_outputs else None
     for cache in (fp_in, q_in, fp_out):
         cache.close()
     return stat, fp_out_b, q_out_b

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from reparq.progress import SILENT, Reporter
 from reparq.recipes.calibrate import batch_samples
-from reparq.report.sqnr import agreement, layer_sqnr, predictions, range_samples
+from reparq.report.sqnr import compare_outputs, layer_sqnr, range_samples
 from reparq.report.tables import markdown_table
 
 FIGURES = {"sqnr": "sqnr.png", "ranges": "ranges.png", "loss": "loss.png"}
@@ -63,17 +63,12 @@ def collect(float_model: nn.Module, qmodel: nn.Module, inputs: Any, labels: torc
     from reparq.report.results import environment
 
     info = qmodel.reparq_info
-    reporter.stage("evaluate FP and quantized", total=2)
+    reporter.stage("evaluate FP and quantized", total=1)
     start = time.perf_counter()
-    fp_pred = predictions(float_model, inputs)
-    reporter.advance(1)
-    q_pred = predictions(qmodel, inputs)
+    scores = compare_outputs(float_model, qmodel, inputs, labels)
     reporter.advance(1)
     eval_seconds = time.perf_counter() - start
-    if labels is not None:
-        metric, fp, quant = "top1", agreement(fp_pred, labels), agreement(q_pred, labels)
-    else:
-        metric, fp, quant = "agreement", 100.0, agreement(q_pred, fp_pred)
+    metric, fp, quant = ("top1" if labels is not None else "agreement"), scores.fp_score, scores.q_score
     row = {"model": model_name, "method": info.recipe, "w_bits": info.config["w_bits"], "a_bits": info.config["a_bits"],
            "metric": metric, "fp": round(fp, 2), "quant": round(quant, 2), "delta": round(quant - fp, 2),
            "calib_seconds": info.calib_seconds, "peak_mem_mb": info.peak_mem_mb, "seed": info.seed}

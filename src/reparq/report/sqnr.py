@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
 from reparq.nn.qmodules import quantized_layers
+from reparq.recipes.calibrate import batch_samples
 from reparq.recipes.calibrate import forward_batch as call_model
 
 
@@ -147,15 +149,62 @@ def predictions(model: nn.Module, inputs: Any, batch_size: int = 250) -> torch.T
     return torch.cat([main_output(call_model(model, b)).float() for b in _batched(inputs, batch_size)])
 
 
+def _per_sample_agreement(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not torch.is_floating_point(target):
+        return (pred.argmax(dim=-1) == target).double()
+    if pred.ndim == 2:
+        return (pred.argmax(dim=1) == target.argmax(dim=1)).double()
+    # In float64: a causal LM's logits flatten to millions of values per sample, over which float32
+    # sums put a model's agreement with itself at 100.004.
+    cos = torch.nn.functional.cosine_similarity(pred.flatten(1).double(), target.flatten(1).double(), dim=1)
+    return cos.clamp(-1.0, 1.0)
+
+
 def agreement(pred: torch.Tensor, target: torch.Tensor) -> float:
     """How much a quantized model's outputs agree with reference outputs or labels, in percent:
     top-1 accuracy against labels (integer ``target``), top-1 agreement for class scores [N, C],
     and 100 × mean cosine similarity for anything else (embeddings, hidden states)."""
-    if not torch.is_floating_point(target):
-        return 100.0 * float((pred.argmax(dim=-1) == target).float().mean())
-    if pred.ndim == 2:
-        return 100.0 * float((pred.argmax(dim=1) == target.argmax(dim=1)).float().mean())
-    # In float64: a causal LM's logits flatten to millions of values per sample, over which float32
-    # sums put a model's agreement with itself at 100.004.
-    cos = torch.nn.functional.cosine_similarity(pred.flatten(1).double(), target.flatten(1).double(), dim=1)
-    return 100.0 * float(cos.clamp(-1.0, 1.0).mean())
+    return 100.0 * float(_per_sample_agreement(pred, target).mean())
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    fp_score: float  # agreement (percent) of the float model with the labels, or 100 without them
+    q_score: float
+    sqnr_db: float  # of the quantized model's main output against the float model's
+
+
+@torch.no_grad()
+def compare_outputs(float_model: nn.Module, qmodel: nn.Module, inputs: Any, labels: torch.Tensor | None = None,
+                    batch_size: int = 250, budget_mb: float = 128.0) -> OutputComparison:
+    """:func:`agreement` of both models and the output SQNR, accumulated batch by batch.
+
+    Neither model's outputs are ever all in memory: a causal LM's logits over a few dozen
+    windows are gigabytes, and in float64 twice that. A tensor of inputs is cut into batches
+    whose float output stays within ``budget_mb`` (sized on one sample); a list of batches is
+    taken as given.
+    """
+    float_model.eval()
+    qmodel.eval()
+    if isinstance(inputs, torch.Tensor):
+        probe = main_output(call_model(float_model, inputs[:1]))
+        batch_size = max(1, min(batch_size, int(budget_mb * 2**20 // (4 * probe[0].numel()))))
+        del probe
+    fp_sum = q_sum = signal = noise = 0.0
+    count = start = 0
+    for batch in _batched(inputs, batch_size):
+        fp = main_output(call_model(float_model, batch)).float()
+        q = main_output(call_model(qmodel, batch)).float()
+        n = batch_samples(batch)
+        if labels is not None:
+            target = labels[start:start + n]
+            fp_sum += float(_per_sample_agreement(fp, target).sum())
+        else:
+            target = fp
+            fp_sum += float(n)  # the float model agrees with itself
+        q_sum += float(_per_sample_agreement(q, target).sum())
+        signal += float(fp.double().pow(2).sum())
+        noise += float((fp.double() - q.double()).pow(2).sum())
+        count += n
+        start += n
+    return OutputComparison(100.0 * fp_sum / count, 100.0 * q_sum / count, sqnr_db(signal, noise))
