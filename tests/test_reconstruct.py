@@ -253,6 +253,26 @@ def test_stack_inside_a_block_does_not_split_it():
     assert layout.blocks == ("1.0", "1.1", "1.2") and layout.stages == ("1",)
 
 
+def test_torchvision_models_get_their_blocks_without_globs():
+    """Other libraries' models: ResNet's ``layer1``..``layer4``; MobileNetV2's ``features`` (a stem
+    and a last conv of other classes in the same list as the inverted residuals); torchvision's
+    VisionTransformer, which shares timm's class name (the table's ``blocks.*`` finds nothing there
+    and gives way to the structure)."""
+    torchvision = pytest.importorskip("torchvision")
+    resnet = discover_units(quantized(torchvision.models.resnet18()))
+    assert [u.name for u in resnet if u.kind == "block"] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert [u.stage for u in resnet if u.kind == "block"] == [f"layer{i}" for i in range(1, 5) for _ in range(2)]
+    assert [u.name for u in resnet if u.kind == "layer"] == ["conv1", "fc"]
+    mobilenet = discover_units(quantized(torchvision.models.mobilenet_v2()))
+    assert [u.name for u in mobilenet if u.kind == "block"] == [f"features.{i}" for i in range(19)]
+    assert [u.name for u in mobilenet if u.kind == "layer"] == ["classifier.1"]
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=3, num_heads=2,
+                                               hidden_dim=32, mlp_dim=64)
+    units = discover_units(quantized(vit))
+    assert [u.name for u in units if u.kind == "block"] == [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+    assert [u.name for u in units if u.kind == "layer"] == ["conv_proj", "heads.head"]
+
+
 def test_discovery_on_zoo_families_counts_units():
     from reparq.recipes.plan import plan
     from reparq.zoo.architectures import ARCHITECTURES

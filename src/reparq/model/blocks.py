@@ -2,9 +2,8 @@
 
 Model-family knowledge is data: a table from architecture class name to glob patterns on
 module names (``*`` matches one dotted component). A model the table does not name (a head class
-such as ``LlamaForSequenceClassification``, a user's own network) gets its blocks from its
-structure: the finest run of repeated same-class children that loses no quantized layer
-(:func:`infer_layout`). ``block_globs`` (and optionally ``stage_globs``) override both. Quantized
+such as ``LlamaForSequenceClassification``, torchvision's ResNet, a user's own network), or whose
+table layout finds nothing, gets its blocks from its structure (:func:`infer_layout`). ``block_globs`` (and optionally ``stage_globs``) override both. Quantized
 layers that no block contains (the stem conv of a ViT, the classifier) become single-layer units
 of their own.
 """
@@ -12,6 +11,7 @@ of their own.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -75,36 +75,40 @@ def _holds_quantized(module: nn.Module, at_least: int = 1) -> bool:
     return sum(isinstance(m, QuantizedLayer) for m in module.modules()) >= at_least
 
 
-def _stack(module: nn.Module, min_len: int, min_layers: int = 1) -> bool:
-    """A ModuleList / Sequential of ``min_len`` or more same-class composite children that each
-    hold ``min_layers`` quantized layers: the shape a stack of layers or residual blocks takes."""
-    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < min_len:
-        return False
-    children = list(module.children())
-    return (len({type(c) for c in children}) == 1 and not isinstance(children[0], QuantizedLayer)
-            and all(_holds_quantized(c, min_layers) for c in children))
+def _block_children(module: nn.Module, min_repeat: int, min_layers: int = 1) -> list[str]:
+    """The children of a ModuleList / Sequential that are blocks (composite, holding a quantized
+    layer), provided ``min_repeat`` of them share a class and hold ``min_layers`` quantized layers
+    each: the shape a stack of layers or residual blocks takes, also with a stem and a final
+    block of other classes in the same list (MobileNetV2's ``features``). Empty otherwise."""
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return []
+    blocks = [(n, c) for n, c in module.named_children() if not isinstance(c, QuantizedLayer) and _holds_quantized(c)]
+    repeats = Counter(type(c) for _, c in blocks if _holds_quantized(c, min_layers))
+    return [n for n, _ in blocks] if repeats and max(repeats.values()) >= min_repeat else []
 
 
 def _split(name: str, module: nn.Module) -> list[tuple[str, str]]:
     """(block, stage) pairs for one block of a stack, split further where it is a stage.
 
-    A block splits when it is itself a stack (ByobNet's ``stages.0``, its RepVGG blocks the units)
-    or when a direct child is a stack of multi-layer blocks (Swin's and ConvNeXt's stages:
-    ``blocks`` plus a ``downsample`` that becomes a unit of its own). A stack deeper inside a block
-    (a LLaMA layer's MoE experts under ``mlp``) does not split it: attention would fall outside.
+    A block splits when it is itself a list of blocks (ByobNet's ``stages.0``, its RepVGG blocks
+    the units) or when a direct child is a stack of multi-layer blocks (Swin's and ConvNeXt's
+    stages: ``blocks`` plus a ``downsample`` that becomes a unit of its own). A stack deeper inside
+    a block (a LLaMA layer's MoE experts under ``mlp``) does not split it: attention would fall
+    outside.
     """
     def join(child: str) -> str:
         return f"{name}.{child}" if name else child
 
-    if _stack(module, 1):
-        return [(join(c), name) for c, _ in module.named_children()]
-    inner = [c for c, child in module.named_children() if _stack(child, 2, min_layers=2)]
-    if not inner:
+    own = _block_children(module, 1)
+    if own:
+        return [(join(c), name) for c in own]
+    inner = {c: _block_children(child, 2, min_layers=2) for c, child in module.named_children()}
+    if not any(inner.values()):
         return [(name, "")]
     pairs = []
     for c, child in module.named_children():
-        if c in inner:
-            pairs += [(f"{join(c)}.{b}", name) for b, _ in child.named_children()]
+        if inner[c]:
+            pairs += [(f"{join(c)}.{b}", name) for b in inner[c]]
         elif _holds_quantized(child):
             pairs.append((join(c), name))
     return pairs
@@ -117,16 +121,33 @@ def infer_layout(model: nn.Module) -> FamilyLayout | None:
     stack their stage, unless a block is itself a stage (:func:`_split`). None when nothing
     repeats.
     """
-    stacks = [(n, m) for n, m in model.named_modules() if _stack(m, 2)]
-    stacks = [(n, m) for n, m in stacks if not any(o != n and _contains(o, n) for o, _ in stacks)]
-    if not stacks:
+    stacks = {n: bs for n, m in model.named_modules() if (bs := _block_children(m, 2))}
+    outer = [n for n in stacks if not any(o != n and _contains(o, n) for o in stacks)]
+    if not outer:
         return None
     pairs = []
-    for name, stack in stacks:
-        for child, module in stack.named_children():
+    for name in outer:
+        for child in stacks[name]:
             full = f"{name}.{child}" if name else child
-            pairs += [(b, s or name) for b, s in _split(full, module)]
+            pairs += [(b, s or name) for b, s in _split(full, model.get_submodule(full))]
     return FamilyLayout(blocks=tuple(b for b, _ in pairs), stages=tuple(dict.fromkeys(s for _, s in pairs if s)))
+
+
+def _units(model: nn.Module, block_globs: tuple[str, ...], stage_globs: tuple[str, ...] | None) -> list[Unit]:
+    """The blocks the globs name that hold quantized layers, outermost where they nest."""
+    stage_globs = tuple(stage_globs or ())
+    modules = dict(model.named_modules())
+    qlayers = [n for n, m in modules.items() if isinstance(m, QuantizedLayer)]
+    block_names = [n for n in modules if n and _match_any(n, block_globs)]
+    block_names = [b for b in block_names if not any(o != b and _contains(o, b) for o in block_names)]
+    stage_names = [n for n in modules if _match_any(n, stage_globs)]
+    units = []
+    for b in block_names:
+        inside = [q for q in qlayers if _contains(b, q)]
+        stage = max((s for s in stage_names if _contains(s, b) and s != b), key=len, default=None)  # innermost
+        if inside:  # a block without quantized layers (an Identity placeholder) has nothing to learn
+            units.append(Unit(b, "block", stage, inside))
+    return units
 
 
 def discover_units(model: nn.Module, block_globs: tuple[str, ...] | None = None,
@@ -136,31 +157,27 @@ def discover_units(model: nn.Module, block_globs: tuple[str, ...] | None = None,
     Units are listed in registration order; :func:`reparq.recipes.reconstruct` re-orders them
     by execution. Raises with a hint when no block can be found.
     """
-    layout = FAMILY_LAYOUTS.get(type(model).__name__)
-    if block_globs is None:
-        layout = layout or infer_layout(model)
-        if layout is None:
+    if block_globs is not None:
+        units = _units(model, block_globs, stage_globs)
+    else:
+        # The table is keyed by class name, which another library may reuse (torchvision's
+        # VisionTransformer is not timm's): a table layout that finds nothing gives way too.
+        units = []
+        for layout in (FAMILY_LAYOUTS.get(type(model).__name__), "infer"):
+            layout = infer_layout(model) if layout == "infer" else layout
+            if layout is not None:
+                block_globs = layout.blocks
+                units = _units(model, layout.blocks, layout.stages if stage_globs is None else stage_globs)
+            if units:
+                break
+        if block_globs is None:
             raise ReparqError(f"no block layout known for {type(model).__name__} and no repeated blocks found "
                               f"in it; name its blocks with block_globs=('layers.*',) (CLI: --blocks 'layers.*')")
-        block_globs, stage_globs = layout.blocks, layout.stages if stage_globs is None else stage_globs
-    stage_globs = tuple(stage_globs or ())
-    modules = dict(model.named_modules())
-    qlayers = [n for n, m in modules.items() if isinstance(m, QuantizedLayer)]
-    block_names = [n for n in modules if n and _match_any(n, block_globs)]
-    # Drop blocks nested inside other blocks: the outer one is the unit.
-    block_names = [b for b in block_names if not any(o != b and _contains(o, b) for o in block_names)]
-    stage_names = [n for n in modules if _match_any(n, stage_globs)]
-    units: list[Unit] = []
-    covered: set[str] = set()
-    for b in block_names:
-        inside = [q for q in qlayers if _contains(b, q)]
-        covered.update(inside)
-        stage = max((s for s in stage_names if _contains(s, b) and s != b), key=len, default=None)  # innermost
-        if inside:  # a block without quantized layers (an Identity placeholder) has nothing to learn
-            units.append(Unit(b, "block", stage, inside))
-    if not any(u.layers for u in units):
+    if not units:
         raise ReparqError(f"no block with quantized layers found in {type(model).__name__} "
                           f"(patterns {', '.join(block_globs)}); pass block_globs to name its blocks")
+    covered = {q for u in units for q in u.layers}
+    qlayers = [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
     for q in qlayers:
         if q not in covered:
             units.append(Unit(q, "layer", None, [q]))
