@@ -98,8 +98,8 @@ def gptq_unit(module: nn.Module, layers: dict[str, QuantizedLayer], q_in: Tensor
     if not todo or len(q_in) == 0:
         return set()
     dev = module_device(module)
-    first = next(iter(q_in.batches(batch_size)))
-    order = execution_order(module, todo, first.to(dev), args, kwargs)
+    # One sample tells the order; a whole batch would be a language model head's logits.
+    order = execution_order(module, todo, q_in.take(torch.arange(1)).to(dev), args, kwargs)
     float_rows = None
     if fp_in is not None:
         float_rows = _float_rows(module, todo, fp_in, args, kwargs, batch_size, quant_switch)
