@@ -66,7 +66,7 @@ SOURCES = {
 }
 # The baseline comparison: what runs without --sources.
 DEFAULT_SOURCES = ("ptq_baselines", "transformers_real")
-TEXT_METRIC = {"llama_fm": "perplexity", "minilm": "cosine"}
+TEXT_METRIC = {"llama_fm": "perplexity", "opt_fm": "perplexity", "minilm": "cosine"}
 
 
 def lead_in_metric(gap: float, metric: str, reference: float) -> float:
@@ -228,8 +228,8 @@ def reference_for(rows: list[dict], model: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm", "llama_fm", "minilm", "repvgg_fm",
-                                                        "repvgg_deep_fm", "mobileone_fm"])
+    parser.add_argument("--models", nargs="*", default=["deit_fm", "swin_fm", "llama_fm", "opt_fm", "minilm",
+                                                        "repvgg_fm", "repvgg_deep_fm", "mobileone_fm"])
     parser.add_argument("--recipes", nargs="*", default=None,
                         help=f"rivals compared with the reference (default: {', '.join(RIVALS)}; for an ablation, "
                              "every variant in it)")

@@ -1,4 +1,4 @@
-"""PTQ on real transformers: the pretrained all-MiniLM-L6-v2 and the zoo's LLaMA decoder (llama_fm).
+"""PTQ on real transformers: the pretrained all-MiniLM-L6-v2 and the zoo's decoders (llama_fm, opt_fm).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transformers_real.py`` (add
 ``--recipes minmax mse repqvit repquant`` once those recipes are wanted); writes
@@ -8,8 +8,9 @@ benchmarks/results/transformers_real.{md,json}.
   on sentences of the held-out paragraphs; rows ``cosine`` (mean cosine similarity of quantized
   to float sentence embeddings) and ``nn_agreement`` (% of evaluation sentences whose top-1
   nearest neighbour is unchanged).
-- llama_fm: calibration on random 128-token windows of the training text, perplexity on every
-  held-out window (the card's held-out set); ``delta`` is the increase, ``delta_pct`` in %.
+- llama_fm, opt_fm (LLaMA and OPT architectures, the same data and tokenizer): calibration on random
+  128-token windows of the training text, perplexity on every held-out window (the card's held-out
+  set); ``delta`` is the increase, ``delta_pct`` in %.
 
 Targets (issue 6): MiniLM cosine >= 0.995 / 0.99 / 0.98 and perplexity increase <= 1 / 3 / 5 %
 at W8A8 / W6A6 / W4A8; the ``target`` and ``ok`` columns say whether each row meets its own.
@@ -34,9 +35,10 @@ from reparq.report.results import results_on_disk
 from resumable import ResumableResults
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = ("minilm", "llama_fm")
-# The encoder is measured at W4A4 too (no target there); the decoder, as in the issue, down to W4A8.
-BITS = {"minilm": ("W8A8", "W6A6", "W4A8", "W4A4"), "llama_fm": ("W8A8", "W6A6", "W4A8")}
+MODELS = ("minilm", "llama_fm", "opt_fm")
+DECODERS = ("llama_fm", "opt_fm")
+# The encoder is measured at W4A4 too (no target there); the decoders, as in the issue, down to W4A8.
+BITS = {"minilm": ("W8A8", "W6A6", "W4A8", "W4A4"), **{d: ("W8A8", "W6A6", "W4A8") for d in DECODERS}}
 RECIPE_ORDER = ("minmax", "percentile", "mse", "mae", "adaround", "brecq", "qdrop", "repqvit", "repquant")
 COSINE_TARGET = {"W8A8": 0.995, "W6A6": 0.99, "W4A8": 0.98}
 PPL_TARGET_PCT = {"W8A8": 1.0, "W6A6": 3.0, "W4A8": 5.0}
@@ -44,7 +46,7 @@ MINILM_SEQ_LEN = 64  # calibration window (tokens)
 # value: quant at full precision for the table
 EXTRA = ("metric", "value", "delta_pct", "target", "ok", "calib_size", "recon_batch_size")
 # Rows written before calib_size was recorded were calibrated with these (the then defaults).
-OLD_CALIB_SIZE = {"minilm": 128, "llama_fm": 64}
+OLD_CALIB_SIZE = {"minilm": 128, "llama_fm": 64, "opt_fm": 64}
 
 
 class MiniLMTask:
@@ -95,20 +97,19 @@ class MiniLMTask:
 
 
 
-class LlamaTask:
-    """Perplexity of the zoo's LLaMA decoder on held-out git-doc text."""
+class DecoderTask:
+    """Perplexity of one of the zoo's decoders on held-out git-doc text."""
 
-    name = "llama_fm"
-
-    def __init__(self, calib_size: int, eval_size: int | None) -> None:
+    def __init__(self, name: str, calib_size: int, eval_size: int | None) -> None:
         from reparq.eval.text_metrics import perplexity, perplexity_of, window_nll
         from reparq.zoo import load_model, model_card
         from reparq.zoo.train_lm import lm_data, load_tokenizer
 
-        self.model = load_model("llama_fm")
-        self.card = model_card("llama_fm")
+        self.name = name
+        self.model = load_model(name)
+        self.card = model_card(name)
         self.seq_len = self.card["recipe"]["seq_len"]
-        self.stream, held = lm_data(load_tokenizer(), self.seq_len)
+        self.stream, held = lm_data(load_tokenizer(name), self.seq_len)
         self.held = held if eval_size is None else held[:eval_size]
         self.calib_size, self._nll, self._ppl_of = calib_size, window_nll, perplexity_of
         self.fp_ppl = perplexity(self.model, self.held)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="MiniLM calibration sentences (128, packed into only 50 windows of 3.2k tokens, were too "
                              "few for GPTQ's Hessians and AdaRound alike)")
     parser.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences")
-    parser.add_argument("--llama-calib", type=int, default=64, help="LLaMA calibration windows")
+    parser.add_argument("--llama-calib", type=int, default=64, help="decoder (llama_fm, opt_fm) calibration windows")
     parser.add_argument("--llama-eval", type=int, default=None, help="held-out windows (default: all)")
     parser.add_argument("--recon-batch-size", type=int, default=None,
                         help="samples per reconstruction step (recipe default: 32); recorded in the rows")
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"(held-out paragraphs, padded per batch).",
              "llama_fm": f"llama_fm: the zoo's LLaMA decoder (see its card); {args.llama_calib} calibration windows "
                          f"of 128 tokens from the training text (seeded), perplexity on "
-                         f"{args.llama_eval or 'all'} held-out windows."}
+                         f"{args.llama_eval or 'all'} held-out windows.",
+             "opt_fm": "opt_fm: the zoo's OPT decoder (pre-LN LayerNorms, ReLU MLP, learned positions; see its card), "
+                       "trained like llama_fm on the same text and tokenizer, calibrated and scored the same way."}
     current: dict[str, tuple[dict, int]] = {}  # per model measured: its FP values and calibration size
 
     def stale(r: dict) -> bool:
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                extra_columns=EXTRA)
     for model_name in args.models:
         task = MiniLMTask(args.minilm_calib, args.minilm_eval) if model_name == "minilm" else \
-            LlamaTask(args.llama_calib, args.llama_eval)
+            DecoderTask(model_name, args.llama_calib, args.llama_eval)
         fp = task.fp_values()
         current[model_name] = (fp, task.calib_size)
         if n_stale := sum(map(stale, results_on_disk(results.path)["rows"])):

@@ -193,3 +193,31 @@ def test_repquant_runs_its_phases_and_beats_minmax_at_w4a4(build):
         err = {name: ((m(input_ids=ids).logits - ref).norm() / ref.norm()).item() for name, m in
                (("repquant", q), ("minmax", base))}
     assert err["repquant"] < err["minmax"], err
+
+
+@pytest.mark.parametrize("name", ["llama_fm", "opt_fm"])
+def test_repqvit_reparameterization_is_exact_on_the_trained_zoo_decoders(name):
+    """Trained weights (RMSNorm and LayerNorm scales far from one, real outlier channels), float64,
+    weights in float: the per-channel norm outputs before and the layer-wise ones folded into the
+    norms after give the same logits on held-out text, every norm of every layer folded."""
+    from reparq.zoo import load_model
+    from reparq.zoo.registry import checkpoint_path
+    from reparq.zoo.train_lm import heldout_windows
+
+    if not checkpoint_path(name).exists():
+        pytest.skip(f"{name} is not trained (python -m reparq.zoo.train_lm --arch {name[:-3]})")
+    model = load_model(name).double()
+    windows = heldout_windows(name)
+    batches = [{"input_ids": b} for b in windows[:16, :64].split(8)]
+    pairs = prepare_transformer(model, batches, QuantConfig(w_bits=4, a_bits=4, keep_first_last_8bit=False),
+                                RepQViTOptions(), seed=0, reporter=SILENT)
+    assert len(pairs) == 2 * model.config.num_hidden_layers
+    for _, layer in quantized_layers(model):
+        layer.weight_quantizer.enabled = False
+    ids = windows[-4:, :64]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        fold_postnorm_pairs(model, pairs)
+        after = model(input_ids=ids).logits
+    assert all(model.get_submodule(c).input_quantizer.scale.numel() == 1 for p in pairs for c in p.consumers)
+    torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)

@@ -150,22 +150,23 @@ def test_window_nll_is_each_windows_own_mean_and_perplexity_their_exp_mean():
 # The LLaMA zoo checkpoint
 
 
-def test_llama_zoo_checkpoint_matches_its_card():
+@pytest.mark.parametrize("name, cls", [("llama_fm", "LlamaForCausalLM"), ("opt_fm", "OPTForCausalLM")])
+def test_decoder_zoo_checkpoint_matches_its_card(name, cls):
     pytest.importorskip("transformers")
     from reparq.zoo.registry import card_path, checkpoint_path
     from reparq.zoo.train_lm import load_tokenizer
 
-    if not checkpoint_path("llama_fm").exists():
-        pytest.skip("llama_fm not trained yet (python -m reparq.zoo.train_lm)")
+    if not checkpoint_path(name).exists():
+        pytest.skip(f"{name} not trained yet (python -m reparq.zoo.train_lm --arch {name[:-3]})")
     from reparq.zoo import load_model
 
-    card = json.loads(card_path("llama_fm").read_text())
-    model = load_model("llama_fm")
-    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    card = json.loads(card_path(name).read_text())
+    model = load_model(name)
+    assert type(model).__name__ == cls and not model.training
     assert sum(p.numel() for p in model.parameters()) == card["params"]
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once
-    assert checkpoint_path("llama_fm").stat().st_size <= 10 * 2**20
-    tok = load_tokenizer()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, stored once
+    assert checkpoint_path(name).stat().st_size <= 10 * 2**20
+    tok = load_tokenizer(name)
     sentence = "Git stores snapshots of your project."
     assert tok.decode(tok.encode(sentence).ids) == sentence
     # A trained model: the card's held-out perplexity is far below the uniform one (the vocabulary size).

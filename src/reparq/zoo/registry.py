@@ -13,7 +13,7 @@ from reparq.errors import ReparqError
 CHECKPOINT_DIR = Path(__file__).with_name("checkpoints")
 # Zoo models outside the Fashion-MNIST image family: name -> "module:function" that loads the
 # committed checkpoint. Not in list_models(), which the image benchmarks iterate.
-TEXT_MODELS = {"llama_fm": "reparq.zoo.train_lm:load_llama_fm"}
+TEXT_MODELS = {"llama_fm": "reparq.zoo.train_lm:load_llama_fm", "opt_fm": "reparq.zoo.train_lm:load_opt_fm"}
 
 
 def checkpoint_path(name: str) -> Path:

@@ -1,6 +1,7 @@
-"""Train the zoo's LLaMA-architecture decoder ``llama_fm`` on Git's manual (Debian ``git-doc``).
+"""Train the zoo's decoders on Git's manual (Debian ``git-doc``): the LLaMA-architecture
+``llama_fm`` and the OPT-architecture ``opt_fm``.
 
-Usage: ``OMP_NUM_THREADS=1 python -m reparq.zoo.train_lm [--steps N] [--seed S]``.
+Usage: ``OMP_NUM_THREADS=1 python -m reparq.zoo.train_lm [--arch llama|opt] [--steps N] [--seed S]``.
 
 Choices, and why:
 - **Tokenizer**: a byte-level BPE of 4096 tokens trained on the *training* paragraphs with
@@ -19,6 +20,11 @@ Choices, and why:
   one thread. 600 steps (1.2M tokens, ~2.5 passes over the text) take about 9 minutes of one
   core's CPU time; the card records CPU and wall seconds (on a shared machine the wall time is
   longer: other jobs take the core part of the time).
+- **OPT** (``--arch opt``): the same data, tokenizer and schedule on ``OPTConfig`` hidden 256,
+  4 layers, 4 heads, pre-LN LayerNorms with biases, ReLU MLP 1024 (two matrices of 256 x 1024 hold
+  as many weights as LLaMA's three of 256 x 768), learned positions, biases on every Linear, tied
+  embeddings, no dropout: the decoder whose norms (LayerNorm, with a bias to absorb the shift)
+  and MLP (ReLU, non-negative fc2 inputs) differ from LLaMA's.
 - **Held-out**: every 10th paragraph (``reparq.data.text.split_paragraphs``), cut into
   non-overlapping 128-token windows; the card records its perplexity.
 """
@@ -53,6 +59,7 @@ def tokenizer_path(name: str = NAME, directory: Path = CHECKPOINT_DIR) -> Path:
 
 @dataclass(frozen=True)
 class LMRecipe:
+    architecture: str = "llama"  # or "opt"
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -66,6 +73,32 @@ class LMRecipe:
     warmup_steps: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+
+
+RECIPES = {"llama": LMRecipe(), "opt": LMRecipe(architecture="opt", intermediate_size=1024)}
+MODEL_CLASSES = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM"}
+
+
+def lm_config(recipe: LMRecipe):
+    """The transformers config of the recipe's architecture (eager attention, tied embeddings)."""
+    if recipe.architecture == "llama":
+        return llama_config(recipe)
+    if recipe.architecture != "opt":
+        raise ReparqError(f"unknown decoder architecture {recipe.architecture!r}; choose one of {', '.join(RECIPES)}")
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=recipe.vocab_size, hidden_size=recipe.hidden_size, ffn_dim=recipe.intermediate_size,
+                     num_hidden_layers=recipe.num_hidden_layers, num_attention_heads=recipe.num_attention_heads,
+                     max_position_embeddings=max(256, recipe.seq_len), word_embed_proj_dim=recipe.hidden_size,
+                     do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
+                     layerdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                     attn_implementation="eager")
+
+
+def _model_class(recipe: LMRecipe):
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[recipe.architecture])
 
 
 def llama_config(recipe: LMRecipe):
@@ -118,21 +151,23 @@ def heldout_windows(name: str = NAME, seq_len: int | None = None) -> torch.Tenso
 
 
 def load_llama_fm(name: str = NAME, directory: Path = CHECKPOINT_DIR) -> nn.Module:
-    """The committed checkpoint as a float32 ``LlamaForCausalLM`` in eval mode (eager attention)."""
+    """A committed decoder checkpoint as a float32 causal LM of its card's architecture
+    (``LlamaForCausalLM`` for ``llama_fm``) in eval mode, eager attention."""
     from safetensors.torch import load_file
-    from transformers import LlamaForCausalLM
 
     path, card = Path(directory) / f"{name}.safetensors", Path(directory) / f"{name}.json"
     if not path.exists() or not card.exists():
         raise ReparqError(f"zoo model {name!r} has no checkpoint at {path}; train it with: python -m reparq.zoo.train_lm")
     recipe = LMRecipe(**json.loads(card.read_text())["recipe"])
-    model = LlamaForCausalLM(llama_config(recipe))
+    model = _model_class(recipe)(lm_config(recipe))
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the output layer is tied to the embedding
         raise ReparqError(f"{path} does not match the card's architecture (missing {missing}, unexpected {unexpected}); "
-                          f"retrain with: python -m reparq.zoo.train_lm")
+                          f"retrain with: python -m reparq.zoo.train_lm --arch {recipe.architecture}")
     model.tie_weights()
+    if recipe.architecture == "opt":  # the OPT classes register with reparq once transformers' module is imported
+        import transformers.models.opt.modeling_opt  # noqa: F401
     # No KV cache: the model is scored and calibrated on whole windows, and a cache object passed
     # down to the layers would be replayed by block reconstruction as if it were an input.
     model.config.use_cache = False
@@ -157,10 +192,13 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def load_opt_fm() -> nn.Module:
+    return load_llama_fm("opt_fm")
+
+
 def train(recipe: LMRecipe, seed: int = 0, log=_log, root: str | Path | None = None,
           out_dir: Path = CHECKPOINT_DIR, name: str = NAME) -> dict:
     from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
 
     from reparq.eval.text_metrics import perplexity
 
@@ -168,8 +206,8 @@ def train(recipe: LMRecipe, seed: int = 0, log=_log, root: str | Path | None = N
     train_p, _ = split_paragraphs(load_paragraphs(root))
     tokenizer = train_tokenizer(train_p, recipe.vocab_size)
     stream, held = lm_data(tokenizer, recipe.seq_len, root)
-    log(f"{NAME}: {stream.numel()} training tokens, {held.shape[0]} held-out windows of {recipe.seq_len}")
-    model = LlamaForCausalLM(llama_config(recipe))
+    log(f"{name}: {stream.numel()} training tokens, {held.shape[0]} held-out windows of {recipe.seq_len}")
+    model = _model_class(recipe)(lm_config(recipe))
     model.config._attn_implementation = "sdpa"  # faster to train; eval and quantization use eager
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
@@ -197,8 +235,10 @@ def train(recipe: LMRecipe, seed: int = 0, log=_log, root: str | Path | None = N
     ckpt = out_dir / f"{name}.safetensors"
     save_file(state, str(ckpt))
     tokenizer.save(str(out_dir / f"{name}.tokenizer.json"))
-    card = {"name": name, "architecture": "transformers.LlamaForCausalLM (reparq.zoo.train_lm.llama_config)",
-            "command": f"OMP_NUM_THREADS=1 python -m reparq.zoo.train_lm --steps {recipe.steps} --seed {seed}",
+    arch = f" --arch {recipe.architecture}" if recipe.architecture != "llama" else ""
+    card = {"name": name, "architecture": f"transformers.{MODEL_CLASSES[recipe.architecture]} "
+                                          f"(reparq.zoo.train_lm.lm_config)",
+            "command": f"OMP_NUM_THREADS=1 python -m reparq.zoo.train_lm{arch} --steps {recipe.steps} --seed {seed}",
             "seed": seed, "recipe": dataclasses.asdict(recipe)}
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
     # Perplexity of exactly what loads: the float16 weights back in float32, eager attention.
@@ -223,14 +263,16 @@ def train(recipe: LMRecipe, seed: int = 0, log=_log, root: str | Path | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the zoo's LLaMA decoder on Git's manual (git-doc).")
+    parser = argparse.ArgumentParser(description="Train a zoo decoder (llama_fm, opt_fm) on Git's manual (git-doc).")
+    parser.add_argument("--arch", choices=sorted(RECIPES), default="llama", help="llama -> llama_fm, opt -> opt_fm")
     parser.add_argument("--steps", type=int, default=LMRecipe.steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the card's timing is for one core
     try:
-        train(dataclasses.replace(LMRecipe(), steps=args.steps), seed=args.seed, out_dir=args.out)
+        train(dataclasses.replace(RECIPES[args.arch], steps=args.steps), seed=args.seed, out_dir=args.out,
+              name=f"{args.arch}_fm")
     except ReparqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
