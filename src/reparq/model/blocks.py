@@ -139,6 +139,7 @@ def _units(model: nn.Module, block_globs: tuple[str, ...], stage_globs: tuple[st
     modules = dict(model.named_modules())
     qlayers = [n for n, m in modules.items() if isinstance(m, QuantizedLayer)]
     block_names = [n for n in modules if n and _match_any(n, block_globs)]
+    # Drop blocks nested inside other blocks: the outer one is the unit.
     block_names = [b for b in block_names if not any(o != b and _contains(o, b) for o in block_names)]
     stage_names = [n for n in modules if _match_any(n, stage_globs)]
     units = []
@@ -148,6 +149,18 @@ def _units(model: nn.Module, block_globs: tuple[str, ...], stage_globs: tuple[st
         if inside:  # a block without quantized layers (an Identity placeholder) has nothing to learn
             units.append(Unit(b, "block", stage, inside))
     return units
+
+
+def _default_layouts(model: nn.Module):
+    """The family table's layout for the model's class, then the one its structure gives. The
+    table is keyed by class name, which another library may reuse (torchvision's
+    VisionTransformer is not timm's), so a table layout that finds nothing gives way."""
+    table = FAMILY_LAYOUTS.get(type(model).__name__)
+    if table is not None:
+        yield table
+    inferred = infer_layout(model)  # only computed when the table had nothing or found nothing
+    if inferred is not None:
+        yield inferred
 
 
 def discover_units(model: nn.Module, block_globs: tuple[str, ...] | None = None,
@@ -160,14 +173,10 @@ def discover_units(model: nn.Module, block_globs: tuple[str, ...] | None = None,
     if block_globs is not None:
         units = _units(model, block_globs, stage_globs)
     else:
-        # The table is keyed by class name, which another library may reuse (torchvision's
-        # VisionTransformer is not timm's): a table layout that finds nothing gives way too.
         units = []
-        for layout in (FAMILY_LAYOUTS.get(type(model).__name__), "infer"):
-            layout = infer_layout(model) if layout == "infer" else layout
-            if layout is not None:
-                block_globs = layout.blocks
-                units = _units(model, layout.blocks, layout.stages if stage_globs is None else stage_globs)
+        for layout in _default_layouts(model):
+            block_globs = layout.blocks
+            units = _units(model, layout.blocks, layout.stages if stage_globs is None else stage_globs)
             if units:
                 break
         if block_globs is None:

@@ -15,6 +15,13 @@ import numpy as np
 import torch
 
 
+def samples_within(budget_mb: float, values_per_sample: int, most: int | None = None) -> int:
+    """How many samples of ``values_per_sample`` float32 values fit in ``budget_mb`` (at least one,
+    at most ``most``): the batch size that bounds a large output (a language model's logits)."""
+    fit = max(1, int(budget_mb * 2**20 // (4 * values_per_sample)))
+    return fit if most is None else min(most, fit)
+
+
 class TensorCache:
     def __init__(self, batches: Iterable[torch.Tensor], threshold_mb: float = 512.0,
                  cache_dir: str | Path | None = None, name: str = "cache", consume: bool = False,

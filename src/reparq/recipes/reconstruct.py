@@ -29,7 +29,7 @@ from reparq.nn.attention import MatmulQuantizers
 from reparq.nn.qmodules import QuantizedLayer
 from reparq.progress import SILENT, Reporter
 from reparq.quant.adaround import AdaRound, beta_schedule
-from reparq.recipes.cache import TensorCache
+from reparq.recipes.cache import TensorCache, samples_within
 from reparq.recipes.calibrate import forward_batch
 
 
@@ -156,12 +156,6 @@ def capture_inputs(model: nn.Module, unit: Unit, batches: list[torch.Tensor]) ->
     return inputs
 
 
-def micro_batch(fp_out: TensorCache, budget_mb: float) -> int:
-    """Samples per slice of a training step: as many as keep one slice's output within budget."""
-    per_sample = 4 * math.prod(fp_out.shape[1:])
-    return max(1, int(budget_mb * 2**20 // per_sample))
-
-
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
     """Sum over features, mean over samples (the BRECQ convention the regularizer weight assumes)."""
     return (pred - target).abs().pow(p).flatten(1).sum(1).mean()
@@ -182,7 +176,7 @@ def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, b
     with torch.no_grad():
         if budget_mb is not None and len(cache):
             probe = _first(module(cache.take(torch.arange(1)).to(dev), *args, **kwargs))
-            batch_size = max(1, min(batch_size, int(budget_mb * 2**20 // (4 * probe[0].numel()))))
+            batch_size = samples_within(budget_mb, probe[0].numel(), most=batch_size)
             del probe
         for x in cache.batches(batch_size):
             yield _first(module(x.to(dev), *args, **kwargs)).detach().cpu()
@@ -263,7 +257,7 @@ class UnitTrainer:
                     x = torch.where(keep if mine is None else keep[mine], fp_in.take(local), x)
                 opt.zero_grad(set_to_none=True)
                 rec = torch.zeros((), device=dev)
-                per = micro_batch(fp_out, cfg.micro_batch_mb)
+                per = samples_within(cfg.micro_batch_mb, math.prod(fp_out.shape[1:]))
                 for start in range(0, len(local), per):  # one slice unless the outputs are large
                     part = local[start:start + per]
                     out = _first(self.module(x[start:start + per].to(dev), *args, **kwargs))
@@ -366,7 +360,6 @@ def reconstruct(model: nn.Module, units: list[Unit], batches: list[torch.Tensor]
         if make_extra_loss is not None:
             def make_extra(fp_out, k=k, unit=unit):
                 return make_extra_loss(model, unit, k, ordered, fp_out, calls[unit.name].args, calls[unit.name].kwargs)
-        fp_prev_out = q_prev_out = None  # the lists below are consumed into the unit's caches
         stat, fp_prev_out, q_prev_out = reconstruct_unit(
             model, unit, fp_in_b, q_in_b, calls[unit.name].args, calls[unit.name].kwargs, cfg, seed * 1000 + k,
             reporter, make_extra, consume_inputs=True, keep_outputs=k + 1 < len(ordered) and chained[k + 1])

@@ -20,6 +20,7 @@ import torch.nn as nn
 from reparq.nn.qmodules import quantized_layers
 from reparq.recipes.calibrate import batch_samples
 from reparq.recipes.calibrate import forward_batch as call_model
+from reparq.recipes.cache import samples_within
 
 
 def main_output(out: Any) -> torch.Tensor:
@@ -188,7 +189,7 @@ def compare_outputs(float_model: nn.Module, qmodel: nn.Module, inputs: Any, labe
     qmodel.eval()
     if isinstance(inputs, torch.Tensor):
         probe = main_output(call_model(float_model, inputs[:1]))
-        batch_size = max(1, min(batch_size, int(budget_mb * 2**20 // (4 * probe[0].numel()))))
+        batch_size = samples_within(budget_mb, probe[0].numel(), most=batch_size)
         del probe
     fp_sum = q_sum = signal = noise = 0.0
     count = start = 0

@@ -150,7 +150,7 @@ def heldout_windows(name: str = NAME, seq_len: int | None = None) -> torch.Tenso
     return lm_data(load_tokenizer(name), seq_len or card["recipe"]["seq_len"])[1]
 
 
-def load_llama_fm(name: str = NAME, directory: Path = CHECKPOINT_DIR) -> nn.Module:
+def load_lm(name: str = NAME, directory: Path = CHECKPOINT_DIR) -> nn.Module:
     """A committed decoder checkpoint as a float32 causal LM of its card's architecture
     (``LlamaForCausalLM`` for ``llama_fm``) in eval mode, eager attention."""
     from safetensors.torch import load_file
@@ -166,8 +166,6 @@ def load_llama_fm(name: str = NAME, directory: Path = CHECKPOINT_DIR) -> nn.Modu
         raise ReparqError(f"{path} does not match the card's architecture (missing {missing}, unexpected {unexpected}); "
                           f"retrain with: python -m reparq.zoo.train_lm --arch {recipe.architecture}")
     model.tie_weights()
-    if recipe.architecture == "opt":  # the OPT classes register with reparq once transformers' module is imported
-        import transformers.models.opt.modeling_opt  # noqa: F401
     # No KV cache: the model is scored and calibrated on whole windows, and a cache object passed
     # down to the layers would be replayed by block reconstruction as if it were an input.
     model.config.use_cache = False
@@ -192,8 +190,12 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def load_llama_fm() -> nn.Module:
+    return load_lm("llama_fm")
+
+
 def load_opt_fm() -> nn.Module:
-    return load_llama_fm("opt_fm")
+    return load_lm("opt_fm")
 
 
 def train(recipe: LMRecipe, seed: int = 0, log=_log, root: str | Path | None = None,
@@ -242,7 +244,7 @@ def train(recipe: LMRecipe, seed: int = 0, log=_log, root: str | Path | None = N
             "seed": seed, "recipe": dataclasses.asdict(recipe)}
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
     # Perplexity of exactly what loads: the float16 weights back in float32, eager attention.
-    loaded = load_llama_fm(name, out_dir)
+    loaded = load_lm(name, out_dir)
     ppl = perplexity(loaded, held)
     import transformers
 
