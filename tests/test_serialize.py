@@ -45,6 +45,41 @@ def test_save_load_gives_identical_outputs(tmp_path, recipe, opts):
     assert loaded.reparq_info.recipe == recipe and loaded.reparq_info.config["w_bits"] == 4
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("recipe", ["minmax", "repqvit"])
+def test_tied_embedding_loads_as_measured(tmp_path, family, recipe):
+    """A decoder whose output layer is tied to its input embedding: the saved file holds the matrix
+    once, as the output layer's integers, and the in-memory model already reads that matrix in its
+    embedding, so the loaded model gives the outputs that were measured (before, a recipe without
+    reconstruction left the in-memory embedding float and the two disagreed)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=True,
+                  attn_implementation="eager", use_cache=False)
+    if family == "llama":
+        build = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=64, **common)).eval()
+    else:
+        build = lambda: transformers.OPTForCausalLM(transformers.OPTConfig(ffn_dim=64, **common)).eval()
+    model = build()
+    embed = model.get_input_embeddings()
+    float_embedding = embed.weight.detach().clone()
+    ids = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(1))
+    qmodel = reparq.quantize(model, {"input_ids": ids}, recipe=recipe, w_bits=4, a_bits=8, batch_size=8)
+    head = qmodel.lm_head
+    assert qmodel.get_input_embeddings().weight is head.weight  # still one matrix
+    assert torch.equal(head.weight, head.quantized_weight()) and not torch.equal(head.weight, float_embedding)
+    assert torch.equal(embed.weight, float_embedding)  # the caller's model is untouched
+    reparq.save(qmodel, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    embed_name = next(n for n, m in qmodel.named_modules() if m is qmodel.get_input_embeddings())
+    assert "lm_head.weight_int" in tensors and f"{embed_name}.weight" not in tensors
+    loaded = reparq.load(tmp_path, model=build())
+    assert loaded.get_input_embeddings().weight is loaded.lm_head.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, qmodel(input_ids=ids).logits)
+
+
 @pytest.mark.skipif(not checkpoint_path("repvgg_fm").exists(), reason="zoo checkpoint not trained")
 def test_zoo_source_loads_without_a_model(tmp_path):
     from reparq.data import calibration_subset

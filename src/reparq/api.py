@@ -15,6 +15,7 @@ import torch.nn as nn
 from reparq.config import QuantConfig
 from reparq.errors import ReparqError
 from reparq.eval.measure import measure
+from reparq.nn.qmodules import bake_shared_weights
 from reparq.progress import SILENT, Reporter
 
 
@@ -185,6 +186,7 @@ def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None
     qmodel = copy.deepcopy(model).eval()
     with measure() as m:
         qmodel = spec.run(qmodel, batches, config, seed=seed, reporter=reporter or SILENT, options=recipe_options)
+        bake_shared_weights(qmodel)  # a tied embedding reads what the saved model will hold
     # Per-unit reconstruction loss curves, thinned to about 200 points, for `reparq report` (saved with the model).
     recon = getattr(qmodel, "reparq_recon_stats", None) or []
     curves = {s["unit"]: s["history"][::max(1, -(-len(s["history"]) // 200))] for s in recon if s.get("history")}

@@ -54,6 +54,7 @@ def export_state(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     time this way): integer weights for quantized layers, every other tensor as it is."""
     layers = {}
     tensors: dict[str, torch.Tensor] = {}
+    as_ints: set[int] = set()  # ids of the weights stored as integers
     with torch.no_grad():
         for name, layer in quantized_layers(module):
             wq = layer.weight_quantizer
@@ -61,11 +62,13 @@ def export_state(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
                             "input": _quantizer_meta(layer.input_quantizer)}
             if not wq.is_float and wq.initialized:
                 tensors[name + _INT_SUFFIX] = wq.to_int(layer.quantized_weight()).to(torch.int8).cpu()
+                as_ints.add(id(layer.weight))
+    for key, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in as_ints:  # stored as integers, also under a tied name (the input embedding)
+            as_ints.add(key)
     for key, value in module.state_dict().items():
-        layer_name = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and layer_name + _INT_SUFFIX in tensors:
-            continue  # stored as integers
-        tensors[key] = value.detach().cpu().contiguous()
+        if key not in as_ints:
+            tensors[key] = value.detach().cpu().contiguous()
     return layers, tensors
 
 
@@ -127,6 +130,16 @@ def _restore_quantizer(q, meta: dict, scale: torch.Tensor, zero_point: torch.Ten
         q.set_params(scale, zero_point)
 
 
+def _tied_to_loaded(model: nn.Module, loaded) -> set[str]:
+    """Parameter names that share their tensor with a loaded one (a tied input embedding, which
+    :func:`export_state` stores only as the output layer's integers)."""
+    loaded = set(loaded)
+    names: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(key)
+    return {k for group in names.values() if loaded.intersection(group) for k in group}
+
+
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved quantized model. ``model`` is the float architecture when the saved source
     is not a zoo model (its weights are replaced by the saved ones)."""
@@ -166,7 +179,8 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     rebuild_attention(model, meta.get("attention", {}))
     add_folded_biases(model, tensors.keys())
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith((".scale", ".zero_point"))]
+    tied = _tied_to_loaded(model, tensors.keys())
+    missing = [k for k in missing if not k.endswith((".scale", ".zero_point")) and k not in tied]
     if missing or unexpected:
         raise ReparqError(f"{directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     info = meta["info"]

@@ -114,3 +114,25 @@ QUANTIZED_TYPES: dict[type, type] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+@torch.no_grad()
+def bake_shared_weights(model: nn.Module) -> list[str]:
+    """Replace the float weight of every quantized layer that shares it with another module (a
+    decoder's output layer tied to its input embedding) by its quantized value; returns their names.
+
+    A saved model stores that matrix once, as the layer's integers (:func:`reparq.deploy.serialize.export_state`),
+    so after :func:`reparq.load` the embedding reads the quantized matrix. Left float in memory, the embedding would read the
+    float one, and the model measured after quantization would not be the model that is loaded
+    (zoo opt_fm, repqvit W4A8: logits apart by up to 1.4). Reconstruction already leaves such a
+    weight at its quantized value; quantizing a quantized weight again gives it back exactly."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    baked = []
+    for name, layer in quantized_layers(model):
+        wq = layer.weight_quantizer
+        if uses.get(id(layer.weight), 0) > 1 and wq.enabled and not wq.is_float and wq.initialized:
+            layer.weight.copy_(layer.quantized_weight())
+            baked.append(name)
+    return baked

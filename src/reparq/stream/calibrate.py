@@ -260,7 +260,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
                                         args, kwargs, device)
             result.recon_stats += getattr(host, "reparq_recon_stats", [])
             if writer:
-                _write_part(host, parts, f"step-{step:05d}", embed_name if tied and is_head else None)
+                _write_part(host, parts, f"step-{step:05d}")
             if is_head:
                 streams = {}
             else:
@@ -344,14 +344,12 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
     return out
 
 
-def _write_part(host: Host, parts: Path, stem: str, tied_embedding: str | None) -> None:
+def _write_part(host: Host, parts: Path, stem: str) -> None:
     from safetensors.torch import save_file
 
     from reparq.deploy.serialize import export_state
 
-    layers, tensors = export_state(host)
-    if tied_embedding:  # a tied model stores one matrix: the input embedding is the output layer's final weight
-        tensors[f"{tied_embedding}.weight"] = host.get_submodule("lm_head").weight.detach().cpu().contiguous()
+    layers, tensors = export_state(host)  # a tied input embedding is stored as the output layer's integers
     parts.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(parts / f"{stem}.safetensors"))
     (parts / f"{stem}.json").write_text(json.dumps({"layers": layers, "attention": describe_attention(host)}, indent=1))
