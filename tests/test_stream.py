@@ -22,15 +22,18 @@ from reparq.stream import LazyCheckpoint, quantize_streamed, write_sharded
 
 def _llama(layers: int = 3, hidden: int = 32, inter: int = 64, tied: bool = False, seed: int = 0,
            family: str = "llama"):
-    """A LLaMA-layout decoder (``family``: llama, or mistral / qwen2, which the streamed path also takes)."""
+    """A decoder the streamed path takes (``family``: llama, or mistral / qwen2 with LLaMA's layout,
+    or opt)."""
     import transformers
 
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "opt": "OPT"}[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, f"{prefix}Config")(
-        vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, attn_implementation="eager",
-        use_cache=False)
+    common = dict(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=64, tie_word_embeddings=tied, attn_implementation="eager", use_cache=False)
+    if family == "opt":  # pre-LN LayerNorms with biases, learned positions, ReLU MLP
+        cfg = transformers.OPTConfig(ffn_dim=inter, word_embed_proj_dim=hidden, **common)
+    else:
+        cfg = getattr(transformers, f"{prefix}Config")(intermediate_size=inter, num_key_value_heads=2, **common)
     model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # Qwen2 initializes its q/k/v biases to zero (LLaMA has none)
         for name, param in model.named_parameters():
@@ -60,12 +63,15 @@ RECIPES = {"repqvit": {}, "repquant": {"iters": 6, "clip_iters": 5}}
 
 
 # W4A8: repquant's "auto" rounding is GPTQ there (repquant.gptq_for), which the streamed path must follow.
-# Mistral and Qwen2 (biased q/k/v) have LLaMA's layer layout and names, so the streamed path takes them too.
+# Mistral and Qwen2 (biased q/k/v) have LLaMA's layer layout and names, so the streamed path takes them too;
+# OPT adds learned positions to the embedding (run by the model's own forward) and LayerNorms with biases.
 @pytest.mark.parametrize("recipe,tied,bits,family", [("repqvit", False, (4, 4), "llama"),
                                                      ("repquant", True, (4, 4), "llama"),
                                                      ("repquant", False, (4, 8), "llama"),
                                                      ("repquant", False, (4, 8), "qwen2"),
-                                                     ("repquant", False, (4, 8), "mistral")])
+                                                     ("repquant", False, (4, 8), "mistral"),
+                                                     ("repqvit", True, (4, 8), "opt"),
+                                                     ("repquant", True, (4, 4), "opt")])
 def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits, family):
     w_bits, a_bits = bits
     model = _llama(tied=tied, family=family)
@@ -83,6 +89,8 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, recipe, tied, bits, fam
     assert any(k.endswith(".weight_int") for k in got)
     if family == "qwen2":
         assert got["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
+    if family == "opt":  # the learned positions are carried over as they are
+        assert torch.equal(got["model.decoder.embed_positions.weight"], model.model.decoder.embed_positions.weight)
     loaded = reparq.load(res.out_dir)  # builds the architecture from the source's config.json
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, q(input_ids=ids).logits)
@@ -244,6 +252,20 @@ def test_clear_errors(tmp_path):
         quantize_streamed(src, _ids(), tmp_path / "out", recipe="qdrop")
     with pytest.raises(ReparqError, match="token ids"):
         quantize_streamed(src, torch.randn(4, 8), tmp_path / "out")
+    import transformers
+
+    base = dict(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=64)
+    post_ln = transformers.OPTForCausalLM(transformers.OPTConfig(do_layer_norm_before=False, **base))
+    with pytest.raises(ReparqError, match="pre-LN OPT only"):
+        quantize_streamed(_saved(post_ln, tmp_path / "post"), _ids(), tmp_path / "out")
+    projected = transformers.OPTForCausalLM(transformers.OPTConfig(word_embed_proj_dim=16, **base))
+    with pytest.raises(ReparqError, match="project_out, .*project_in outside the layers would be left unquantized"):
+        quantize_streamed(_saved(projected, tmp_path / "proj"), _ids(), tmp_path / "out")
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                                num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(ReparqError, match="pre-LN OPT, not"):
+        quantize_streamed(_saved(bert, tmp_path / "bert"), _ids(), tmp_path / "out")
 
 
 def test_cli_stream_matches_api_and_refuses_missing_gpu(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Layer-streamed calibration of Hugging Face decoders (LLaMA architecture) stored as sharded
+"""Layer-streamed calibration of Hugging Face decoders (LLaMA layout, pre-LN OPT) stored as sharded
 safetensors: peak memory is one decoder layer plus the cached hidden states, whatever the depth.
 
 How it stays equal to the in-memory recipe (``reparq.quantize``; tested bit for bit):
@@ -52,7 +52,8 @@ from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
 from reparq.recipes.repquant import clip_iters_for, drop_prob_for, gptq_for
 from reparq.stream.checkpoint import LazyCheckpoint
-from reparq.stream.skeleton import build_skeleton, decoder_layers, free, layer_call, load_config, materialize
+from reparq.stream.skeleton import (build_skeleton, decoder_layers, final_norm, first_layer_inputs, free, load_config,
+                                    materialize, outer_modules, state_names)
 from reparq.stream.state import StreamState, fingerprint
 
 STREAMABLE = ("repqvit", "repquant")
@@ -208,13 +209,10 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf_config = load_config(model_dir)
     skeleton = build_skeleton(hf_config)
-    if hf_family(skeleton) not in LLAMA_LAYOUT:  # their decoder layers are run one at a time by LLaMA's names
-        raise ReparqError(f"streamed calibration supports decoders with LLaMA's layer layout "
-                          f"({', '.join(LLAMA_LAYOUT)}), not {type(skeleton).__name__}")
+    layers_name, layers = _check_streamable(skeleton, hf_config, hf_family(skeleton), LLAMA_LAYOUT)
     checkpoint = LazyCheckpoint(model_dir)
     plan = _plan(skeleton, config, opts)
     phases = _phases(recipe, opts, plan, w_bits, a_bits)
-    layers_name, layers = decoder_layers(skeleton)
     n_layers = len(layers)
     dp = parallel.current()
     batches = list(calib_ids.long().split(batch_size))
@@ -230,14 +228,14 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     start = state.next_step()
     writer = dp is None or dp.rank == 0
     parts = out_dir / PARTS_DIR
-    # The first layer's non-hidden arguments on the first batch: what the in-memory engine replays.
-    args, kwargs = layer_call(skeleton, layers, tuple(batches[0].shape), device)
     embed_name = next(n for n, m in skeleton.named_modules() if isinstance(m, nn.Embedding))
     tied = "lm_head.weight" not in checkpoint
     result = StreamResult(out_dir, n_layers + 1, start, 0.0, 0.0)
     with measure() as m:
+        # The first layer's non-hidden arguments on the first batch: what the in-memory engine replays.
+        hidden, args, kwargs = _embed(skeleton, layers, checkpoint, [batches[0]] + (local if start == 0 else []), device)
         if start == 0:
-            streams = {"stat": _embed(skeleton, embed_name, checkpoint, local, device)}
+            streams = {"stat": hidden[1:]}
             for phase, _, _ in phases:
                 for s in _PHASE_STREAMS[phase]:
                     streams[s] = streams["stat"]
@@ -275,24 +273,33 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
         info = QuantInfo(recipe=recipe, config=config.to_dict(), seed=seed, calib_samples=int(calib_ids.shape[0]),
                          calib_seconds=result.calib_seconds, peak_mem_mb=result.peak_mem_mb,
                          extra={"streamed": True, "resumed_at_step": start, "world_size": dp.world if dp else 1})
-        _finish(out_dir, parts, n_layers, info, type(skeleton).__name__, f"hf:{model_dir.resolve()}",
-                None if tied else checkpoint, embed_name)
+        _finish(out_dir, parts, n_layers, info, type(skeleton).__name__, f"hf:{model_dir.resolve()}", checkpoint,
+                _carried(skeleton, layers, embed_name if tied else None))
     return result
 
 
-@torch.no_grad()
-def _embed(skeleton: nn.Module, name: str, checkpoint: LazyCheckpoint, batches: list[torch.Tensor],
-           device) -> list[torch.Tensor]:
-    embed = materialize(skeleton.get_submodule(name), name, checkpoint, device)
-    out = [embed(b.to(device)).float().cpu() for b in batches]
-    free(embed)
-    return out
+def _embed(skeleton: nn.Module, layers: nn.ModuleList, checkpoint: LazyCheckpoint, batches: list[torch.Tensor],
+           device) -> tuple[list[torch.Tensor], tuple, dict]:
+    """The first layer's float inputs on each batch (on the CPU), and its further arguments on the
+    first: the modules around the layers get their weights for this pass only."""
+    outer = outer_modules(skeleton, layers)
+    for name, module in outer.items():
+        materialize(module, name, checkpoint, "cpu", recurse=False)
+    hidden, args, kwargs = [], (), {}
+    for k, batch in enumerate(batches):
+        h, a, kw = first_layer_inputs(skeleton, layers, batch, device)
+        hidden.append(h.float())
+        if k == 0:
+            args, kwargs = a, kw
+    for module in outer.values():
+        free(module, recurse=False)
+    return hidden, args, kwargs
 
 
 def _head_host(skeleton: nn.Module, embed_name: str, checkpoint: LazyCheckpoint, device,
                tied: bool) -> tuple[Host, str, nn.Module]:
     """(host of final norm + lm_head, the unit's name, the norm)."""
-    norm_name, head_name = f"{skeleton.base_model_prefix}.norm", "lm_head"
+    norm_name, head_name = final_norm(skeleton, decoder_layers(skeleton)[1]), "lm_head"
     norm = materialize(skeleton.get_submodule(norm_name), norm_name, checkpoint, device)
     head = skeleton.get_submodule(head_name)
     if tied:  # tied output layer: its own, real copy of the embedding matrix (the skeleton shares one meta tensor)
@@ -355,9 +362,40 @@ def _write_part(host: Host, parts: Path, stem: str) -> None:
     (parts / f"{stem}.json").write_text(json.dumps({"layers": layers, "attention": describe_attention(host)}, indent=1))
 
 
+def _check_streamable(skeleton: nn.Module, hf_config, family: str | None,
+                      llama_layout: tuple[str, ...]) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the decoder layers, once the model is known to stream: each step runs one
+    layer on the hidden states, so nothing outside the layers but embeddings and the final norm
+    may hold weights (OPT-350m's ``project_in``/``project_out`` would be quantized layers there,
+    and it is post-LN, which the streamed recipe's pre-norm choices do not cover)."""
+    families = ", ".join(llama_layout)
+    if family not in (*llama_layout, "opt"):
+        raise ReparqError(f"streamed calibration supports decoders with LLaMA's layer layout ({families}) and "
+                          f"pre-LN OPT, not {type(skeleton).__name__}")
+    if not getattr(hf_config, "do_layer_norm_before", True):
+        raise ReparqError("streamed calibration supports pre-LN OPT only (this config has do_layer_norm_before=False);"
+                          " quantize it in memory with reparq.quantize")
+    layers_name, layers = decoder_layers(skeleton)
+    extra = [n for n, m in outer_modules(skeleton, layers).items() if isinstance(m, nn.Linear)]
+    if extra:
+        raise ReparqError(f"streamed calibration runs one decoder layer at a time; {', '.join(extra)} outside the "
+                          f"layers would be left unquantized: quantize this model in memory with reparq.quantize")
+    final_norm(skeleton, layers)  # raises if there is none
+    return layers_name, layers
+
+
+def _carried(skeleton: nn.Module, layers: nn.ModuleList, tied_embedding: str | None) -> list[str]:
+    """Checkpoint tensors the quantized model needs that no step writes: those of the modules
+    before the layers (token embedding unless tied, which the head step writes; OPT's learned
+    positions), copied over as they are."""
+    norm = final_norm(skeleton, layers)
+    return [full for name, module in outer_modules(skeleton, layers).items() if name not in (norm, tied_embedding)
+            for full in state_names(module, name, recurse=False)]
+
+
 def _finish(out_dir: Path, parts: Path, n_layers: int, info, architecture: str, source: str,
-            checkpoint: LazyCheckpoint | None, embed_name: str) -> None:
-    """``reparq.json`` over all parts; an untied model's embedding is copied over as it is."""
+            checkpoint: LazyCheckpoint, carried: list[str]) -> None:
+    """``reparq.json`` over all parts, with the ``carried`` checkpoint tensors (:func:`_carried`)."""
     from safetensors.torch import save_file
 
     from reparq.deploy.serialize import write_meta
@@ -368,9 +406,8 @@ def _finish(out_dir: Path, parts: Path, n_layers: int, info, architecture: str, 
         layers.update(meta["layers"])
         attention.update(meta["attention"])
         shards.append(f"{PARTS_DIR}/step-{step:05d}.safetensors")
-    if checkpoint is not None:
-        names = checkpoint.names(f"{embed_name}.")
-        save_file({k: v.float() for k, v in checkpoint.load(names).items()}, str(parts / "embedding.safetensors"))
+    if carried:
+        save_file({k: v.float() for k, v in checkpoint.load(set(carried)).items()}, str(parts / "embedding.safetensors"))
         shards.append(f"{PARTS_DIR}/embedding.safetensors")
     write_meta(out_dir, info, layers, attention, architecture, source, shards=shards)
 
