@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from reparq.errors import ReparqError
 from reparq.model.attention_adapters import describe_attention, rebuild_attention
 from reparq.model.postnorm import add_folded_biases
-from reparq.nn.qmodules import QUANTIZED_TYPES, attach_input_affine, quantized_layers
+from reparq.nn.qmodules import QUANTIZED_TYPES, attach_input_affine, parameter_names, quantized_layers
 from reparq.recipes.prepare import prepare_for_deployment
 
 FORMAT, FORMAT_VERSION = "reparq-quantized", 1
@@ -54,7 +54,7 @@ def export_state(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     time this way): integer weights for quantized layers, every other tensor as it is."""
     layers = {}
     tensors: dict[str, torch.Tensor] = {}
-    as_ints: set[int] = set()  # ids of the weights stored as integers
+    int_weights: set[int] = set()  # ids of the weights stored as integers
     with torch.no_grad():
         for name, layer in quantized_layers(module):
             wq = layer.weight_quantizer
@@ -62,10 +62,9 @@ def export_state(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
                             "input": _quantizer_meta(layer.input_quantizer)}
             if not wq.is_float and wq.initialized:
                 tensors[name + _INT_SUFFIX] = wq.to_int(layer.quantized_weight()).to(torch.int8).cpu()
-                as_ints.add(id(layer.weight))
-    for key, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in as_ints:  # stored as integers, also under a tied name (the input embedding)
-            as_ints.add(key)
+                int_weights.add(id(layer.weight))
+    # Under every name they have: a tied input embedding is stored as its output layer's integers.
+    as_ints = {key for pid, keys in parameter_names(module).items() if pid in int_weights for key in keys}
     for key, value in module.state_dict().items():
         if key not in as_ints:
             tensors[key] = value.detach().cpu().contiguous()
@@ -134,10 +133,7 @@ def _tied_to_loaded(model: nn.Module, loaded) -> set[str]:
     """Parameter names that share their tensor with a loaded one (a tied input embedding, which
     :func:`export_state` stores only as the output layer's integers)."""
     loaded = set(loaded)
-    names: dict[int, list[str]] = {}
-    for key, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(key)
-    return {k for group in names.values() if loaded.intersection(group) for k in group}
+    return {k for group in parameter_names(model).values() if loaded.intersection(group) for k in group}
 
 
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -116,6 +116,14 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
 
 
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter, by the parameter's id: a tied parameter has several."""
+    names: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(key)
+    return names
+
+
 @torch.no_grad()
 def bake_shared_weights(model: nn.Module) -> list[str]:
     """Replace the float weight of every quantized layer that shares it with another module (a
@@ -126,13 +134,11 @@ def bake_shared_weights(model: nn.Module) -> list[str]:
     float one, and the model measured after quantization would not be the model that is loaded
     (zoo opt_fm, repqvit W4A8: logits apart by up to 1.4). Reconstruction already leaves such a
     weight at its quantized value; quantizing a quantized weight again gives it back exactly."""
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    names = parameter_names(model)
     baked = []
     for name, layer in quantized_layers(model):
         wq = layer.weight_quantizer
-        if uses.get(id(layer.weight), 0) > 1 and wq.enabled and not wq.is_float and wq.initialized:
+        if len(names.get(id(layer.weight), ())) > 1 and wq.enabled and not wq.is_float and wq.initialized:
             layer.weight.copy_(layer.quantized_weight())
             baked.append(name)
     return baked

@@ -209,7 +209,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf_config = load_config(model_dir)
     skeleton = build_skeleton(hf_config)
-    layers_name, layers = _check_streamable(skeleton, hf_config, hf_family(skeleton), LLAMA_LAYOUT)
+    layers_name, layers, norm_name = _check_streamable(skeleton, hf_config, hf_family(skeleton), LLAMA_LAYOUT)
     checkpoint = LazyCheckpoint(model_dir)
     plan = _plan(skeleton, config, opts)
     phases = _phases(recipe, opts, plan, w_bits, a_bits)
@@ -244,7 +244,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
         for step in range(start, n_layers + 1):
             is_head = step == n_layers
             if is_head:
-                host, unit_name, norm = _head_host(skeleton, embed_name, checkpoint, device, tied)
+                host, unit_name, norm = _head_host(skeleton, norm_name, embed_name, checkpoint, device, tied)
                 with _default_device(device):
                     streams = _run_step(host, unit_name, streams, phases, config, opts, plan, seed, reporter,
                                         (), {}, device, head_norm=norm)
@@ -274,7 +274,7 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
                          calib_seconds=result.calib_seconds, peak_mem_mb=result.peak_mem_mb,
                          extra={"streamed": True, "resumed_at_step": start, "world_size": dp.world if dp else 1})
         _finish(out_dir, parts, n_layers, info, type(skeleton).__name__, f"hf:{model_dir.resolve()}", checkpoint,
-                _carried(skeleton, layers, embed_name if tied else None))
+                _carried(skeleton, layers, (norm_name, embed_name) if tied else (norm_name,)))
     return result
 
 
@@ -296,10 +296,10 @@ def _embed(skeleton: nn.Module, layers: nn.ModuleList, checkpoint: LazyCheckpoin
     return hidden, args, kwargs
 
 
-def _head_host(skeleton: nn.Module, embed_name: str, checkpoint: LazyCheckpoint, device,
+def _head_host(skeleton: nn.Module, norm_name: str, embed_name: str, checkpoint: LazyCheckpoint, device,
                tied: bool) -> tuple[Host, str, nn.Module]:
     """(host of final norm + lm_head, the unit's name, the norm)."""
-    norm_name, head_name = final_norm(skeleton, decoder_layers(skeleton)[1]), "lm_head"
+    head_name = "lm_head"
     norm = materialize(skeleton.get_submodule(norm_name), norm_name, checkpoint, device)
     head = skeleton.get_submodule(head_name)
     if tied:  # tied output layer: its own, real copy of the embedding matrix (the skeleton shares one meta tensor)
@@ -363,8 +363,9 @@ def _write_part(host: Host, parts: Path, stem: str) -> None:
 
 
 def _check_streamable(skeleton: nn.Module, hf_config, family: str | None,
-                      llama_layout: tuple[str, ...]) -> tuple[str, nn.ModuleList]:
-    """(name, list) of the decoder layers, once the model is known to stream: each step runs one
+                      llama_layout: tuple[str, ...]) -> tuple[str, nn.ModuleList, str]:
+    """(name, list) of the decoder layers and the final norm's name (:func:`final_norm`), once the
+    model is known to stream: each step runs one
     layer on the hidden states, so nothing outside the layers but embeddings and the final norm
     may hold weights (OPT-350m's ``project_in``/``project_out`` would be quantized layers there,
     and it is post-LN, which the streamed recipe's pre-norm choices do not cover)."""
@@ -380,16 +381,15 @@ def _check_streamable(skeleton: nn.Module, hf_config, family: str | None,
     if extra:
         raise ReparqError(f"streamed calibration runs one decoder layer at a time; {', '.join(extra)} outside the "
                           f"layers would be left unquantized: quantize this model in memory with reparq.quantize")
-    final_norm(skeleton, layers)  # raises if there is none
-    return layers_name, layers
+    return layers_name, layers, final_norm(skeleton, layers)  # raises if there is none
 
 
-def _carried(skeleton: nn.Module, layers: nn.ModuleList, tied_embedding: str | None) -> list[str]:
+def _carried(skeleton: nn.Module, layers: nn.ModuleList, written: tuple[str, ...]) -> list[str]:
     """Checkpoint tensors the quantized model needs that no step writes: those of the modules
-    before the layers (token embedding unless tied, which the head step writes; OPT's learned
-    positions), copied over as they are."""
-    norm = final_norm(skeleton, layers)
-    return [full for name, module in outer_modules(skeleton, layers).items() if name not in (norm, tied_embedding)
+    outside the layers but the ``written`` ones (the final norm, which the head step writes; a tied
+    token embedding, stored as the output layer's integers), copied over as they are: the token
+    embedding of an untied model, OPT's learned positions."""
+    return [full for name, module in outer_modules(skeleton, layers).items() if name not in written
             for full in state_names(module, name, recurse=False)]
 
 
