@@ -22,7 +22,7 @@ import torch.nn as nn
 from reparq.errors import ReparqError
 from reparq.nn.qmodules import quantized_layers
 from reparq.progress import SILENT, Reporter
-from reparq.report.sqnr import agreement, predictions, sqnr_db
+from reparq.report.sqnr import AgreementScorer, predictions, samples_with_output_within, sqnr_db
 
 RANGE_RECIPES = ("minmax", "percentile", "mse", "mae")
 METRICS = ("accuracy", "sqnr")
@@ -70,12 +70,14 @@ def check_arguments(recipe: str, metric: str, granularity: str, budget: float) -
 def analyze(model: nn.Module, calib: Any, inputs: Any, labels: torch.Tensor | None, w_bits: int, a_bits: int,
             budget: float = 1.0, recipe: str = "mse", metric: str = "accuracy", granularity: str = "layer",
             block_globs: tuple[str, ...] | None = None, seed: int = 0, sqnr_samples: int = 256,
-            reporter: Reporter = SILENT) -> dict:
+            budget_mb: float = 256.0, reporter: Reporter = SILENT) -> dict:
     """Rank layers (or blocks) by sensitivity and suggest which to keep at W8A8 within ``budget``.
 
     ``inputs``/``labels`` are the held-out evaluation data; without labels the score is agreement
     with the float model (:func:`reparq.report.sqnr.agreement`). Scores are in percent, so the
-    budget is in points of accuracy (or agreement).
+    budget is in points of accuracy (or agreement). ``budget_mb`` bounds the float outputs held
+    for scoring and for the SQNR batch (a causal LM's logits over the evaluation set would not fit;
+    see :class:`reparq.report.sqnr.AgreementScorer`).
     """
     from reparq.api import quantize
 
@@ -83,14 +85,12 @@ def analyze(model: nn.Module, calib: Any, inputs: Any, labels: torch.Tensor | No
     kw = dict(recipe=recipe, seed=seed, keep_first_last_8bit=False)
     q_low = quantize(model, calib, w_bits=w_bits, a_bits=a_bits, reporter=reporter, **kw)
     q_8 = quantize(model, calib, w_bits=8, a_bits=8, reporter=reporter, **kw)
-    fp_pred = predictions(model, inputs)
-    target = labels if labels is not None else fp_pred
-    fp_score = agreement(fp_pred, target)
-    held = inputs[:sqnr_samples] if isinstance(inputs, torch.Tensor) else inputs[:1]
+    score = AgreementScorer(model, inputs, labels, budget_mb=budget_mb)
+    fp_score = score.fp_score
+    # The SQNR's float output is held whole: fewer samples where it would pass the budget.
+    held = (inputs[:samples_with_output_within(model, inputs, budget_mb, sqnr_samples)]
+            if isinstance(inputs, torch.Tensor) else inputs[:1])
     fp_held = predictions(model, held)
-
-    def score(m: nn.Module) -> float:
-        return agreement(predictions(m, inputs), target)
 
     def out_sqnr(m: nn.Module) -> float:
         out = predictions(m, held)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from reparq.errors import ReparqError
 from reparq.nn.qmodules import quantized_layers
 from reparq.recipes.calibrate import batch_samples
 from reparq.recipes.calibrate import forward_batch as call_model
@@ -168,6 +169,80 @@ def agreement(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 100.0 * float(_per_sample_agreement(pred, target).mean())
 
 
+def samples_with_output_within(model: nn.Module, inputs: Any, budget_mb: float, most: int) -> int:
+    """How many of ``inputs`` (a tensor) the model's output stays within ``budget_mb`` for, at most
+    ``most``, sized on one sample; ``most`` for a list of batches, which is taken as given."""
+    if not isinstance(inputs, torch.Tensor):
+        return most
+    with torch.no_grad():
+        probe = main_output(call_model(model, inputs[:1]))
+    return samples_within(budget_mb, probe[0].numel(), most=most)
+
+
+class AgreementScorer:
+    """:func:`agreement` of many candidate models with one float model (or labels) over one
+    evaluation set, without ever holding every output at once.
+
+    Sensitivity analysis scores a model once per layer and once per mixed-precision step, so the
+    float side is computed once and kept in its smallest exact form: the label slices; for class
+    scores [N, C] the float argmax (integer targets give the same top-1 agreement as comparing
+    argmaxes); for anything else (hidden states, a causal LM's logits) the float outputs while all
+    of them fit in ``budget_mb``, or else nothing, and the float model is run again beside each
+    candidate. Batches are sized so that one batch's output stays within ``budget_mb`` too.
+    """
+
+    def __init__(self, float_model: nn.Module, inputs: Any, labels: torch.Tensor | None = None,
+                 batch_size: int = 250, budget_mb: float = 256.0) -> None:
+        float_model.eval()
+        self._float = float_model
+        self._batches = _batched(inputs, samples_with_output_within(float_model, inputs, budget_mb, batch_size))
+        total = sum(batch_samples(b) for b in self._batches)
+        if labels is not None and len(labels) != total:
+            raise ReparqError(f"{len(labels)} labels for {total} evaluation samples")
+        targets: list[torch.Tensor] = []
+        outputs_bytes = 0  # of float outputs kept as targets; labels and argmaxes are small
+        keep = True
+        fp_sum = 0.0
+        count = 0
+        with torch.no_grad():
+            for batch in self._batches:
+                fp = main_output(call_model(float_model, batch)).float()
+                n = batch_samples(batch)
+                if labels is not None:
+                    target = labels[count:count + n]
+                    fp_sum += float(_per_sample_agreement(fp, target).sum())
+                elif fp.ndim == 2:
+                    target = fp.argmax(dim=1)
+                    fp_sum += float(n)  # the float model agrees with itself
+                else:
+                    target = fp
+                    fp_sum += float(n)
+                    outputs_bytes += fp.numel() * fp.element_size()
+                    keep = keep and outputs_bytes <= budget_mb * 2**20
+                count += n
+                if keep:
+                    targets.append(target)
+                else:
+                    targets.clear()
+        self.samples = count
+        self.fp_score = 100.0 * fp_sum / count
+        self._targets = targets if keep else None
+        self.recomputes = not keep
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        """The model's agreement with the targets, in percent."""
+        model.eval()
+        total = 0.0
+        for i, batch in enumerate(self._batches):
+            if self._targets is None:
+                target = main_output(call_model(self._float, batch)).float()
+            else:
+                target = self._targets[i]
+            total += float(_per_sample_agreement(main_output(call_model(model, batch)).float(), target).sum())
+        return 100.0 * total / self.samples
+
+
 @dataclass(frozen=True)
 class OutputComparison:
     fp_score: float  # agreement (percent) of the float model with the labels, or 100 without them
@@ -187,10 +262,7 @@ def compare_outputs(float_model: nn.Module, qmodel: nn.Module, inputs: Any, labe
     """
     float_model.eval()
     qmodel.eval()
-    if isinstance(inputs, torch.Tensor):
-        probe = main_output(call_model(float_model, inputs[:1]))
-        batch_size = samples_within(budget_mb, probe[0].numel(), most=batch_size)
-        del probe
+    batch_size = samples_with_output_within(float_model, inputs, budget_mb, batch_size)
     fp_sum = q_sum = signal = noise = 0.0
     count = start = 0
     for batch in _batched(inputs, batch_size):
