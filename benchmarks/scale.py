@@ -16,6 +16,12 @@ RSS = the process's ``VmHWM``, imports included), with one torch thread unless n
 - dp: the 4-layer config with ``repquant`` (10 + 5 steps per layer, 32 windows of 128 tokens) in
   1 process and in 2 gloo processes (one thread each); ``samples_per_s`` = calibration samples /
   wall seconds of the slowest process.
+- gpu (on a machine with a CUDA device; its own results file, ``scale_gpu``, since it is another
+  machine): the dp config with ``repquant`` on the CPU (every core) and with ``--device cuda``
+  in one run (``speedup`` = CPU seconds / GPU seconds), then the 1.1B model streamed on the GPU
+  with ``repqvit`` and the short ``repquant``; rows add the GPU's peak allocated memory
+  (``gpu_peak_mb``). Each row is also appended to ``<out>/scale_gpu.rows.jsonl`` as soon as it is
+  measured, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
+    device = spec.get("device", "cpu")
     ids = torch.randint(0, spec["vocab"], (spec["samples"], spec["seq_len"]), generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     if spec["mode"] == "in_memory":
@@ -89,8 +96,12 @@ def worker(spec: dict) -> dict:
 
         with data_parallel():
             quantize_streamed(spec["model_dir"], ids, spec["out_dir"], recipe=spec["recipe"], w_bits=spec["w_bits"],
-                              a_bits=spec["a_bits"], batch_size=spec["batch_size"], restart=True, **spec["options"])
-    return {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
+                              a_bits=spec["a_bits"], batch_size=spec["batch_size"], restart=True, device=device,
+                              **spec["options"])
+    result = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
+    if device.startswith("cuda"):
+        result["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
 
 
 def peak_rss_mb() -> float:
@@ -104,7 +115,8 @@ def peak_rss_mb() -> float:
 
 
 def measure(spec: dict, nproc: int = 1) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    threads = str(spec.get("threads", 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if nproc == 1:
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     else:
@@ -114,7 +126,20 @@ def measure(spec: dict, nproc: int = 1) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed:\n{proc.stderr[-3000:]}")
     results = [json.loads(line.removeprefix("RESULT ")) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return {"seconds": max(r["seconds"] for r in results), "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+    merged = {"seconds": max(r["seconds"] for r in results), "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+    if any("gpu_peak_mb" in r for r in results):
+        merged["gpu_peak_mb"] = max(r.get("gpu_peak_mb", 0.0) for r in results)
+    return merged
+
+
+DP_SPEC = dict(recipe="repquant", w_bits=4, a_bits=8, samples=32, seq_len=128, batch_size=4,
+               vocab=WIDTH["vocab_size"], options={"iters": 10, "clip_iters": 5})
+BIG_RECIPES = (("repqvit", {}), ("repquant", {"iters": 4, "clip_iters": 4, "recon_batch_size": 2}))
+
+
+def big_spec(model_dir: Path, tmp: Path, recipe: str, options: dict, **extra) -> dict:
+    return dict(mode="streamed", model_dir=str(model_dir), out_dir=str(tmp / f"big-{recipe}"), recipe=recipe, w_bits=4,
+                a_bits=8, samples=8, seq_len=64, batch_size=4, vocab=BIG["vocab_size"], options=options, **extra)
 
 
 def depth_rows(tmp: Path) -> list[dict]:
@@ -138,10 +163,8 @@ def big_rows(tmp: Path) -> list[dict]:
     model_dir = tmp / "big"
     params = write_random_model(model_dir, dtype="float16", **BIG)
     rows = []
-    for recipe, options in (("repqvit", {}), ("repquant", {"iters": 4, "clip_iters": 4, "recon_batch_size": 2})):
-        spec = dict(mode="streamed", model_dir=str(model_dir), out_dir=str(tmp / f"big-{recipe}"), recipe=recipe,
-                    w_bits=4, a_bits=8, samples=8, seq_len=64, batch_size=4, vocab=BIG["vocab_size"], options=options)
-        m = measure(spec)
+    for recipe, options in BIG_RECIPES:
+        m = measure(big_spec(model_dir, tmp, recipe, options))
         row = {"part": "big", "model": "llama-1.1b-random", "mode": "streamed", "method": recipe, "w_bits": 4, "a_bits": 8,
                "layers": BIG["num_hidden_layers"], "params": params, "processes": 1, "calib_seconds": m["seconds"],
                "peak_mem_mb": m["peak_rss_mb"], "under_3gb": m["peak_rss_mb"] < 3072}
@@ -154,12 +177,9 @@ def dp_rows(tmp: Path) -> list[dict]:
     model_dir = tmp / "dp"
     params = write_random_model(model_dir, num_hidden_layers=4, **WIDTH)
     rows = []
-    samples = 32
+    samples = DP_SPEC["samples"]
     for nproc in (1, 2):
-        spec = dict(mode="streamed", model_dir=str(model_dir), out_dir=str(tmp / f"dp{nproc}"), recipe="repquant",
-                    w_bits=4, a_bits=8, samples=samples, seq_len=128, batch_size=4, vocab=WIDTH["vocab_size"],
-                    options={"iters": 10, "clip_iters": 5})
-        m = measure(spec, nproc)
+        m = measure(dict(DP_SPEC, mode="streamed", model_dir=str(model_dir), out_dir=str(tmp / f"dp{nproc}")), nproc)
         rows.append({"part": "dp", "model": "llama-w512-L4", "mode": "streamed", "method": "repquant", "w_bits": 4,
                      "a_bits": 8, "layers": 4, "params": params, "processes": nproc, "calib_seconds": m["seconds"],
                      "peak_mem_mb": m["peak_rss_mb"], "samples_per_s": round(samples / m["seconds"], 3)})
@@ -168,10 +188,50 @@ def dp_rows(tmp: Path) -> list[dict]:
     return rows
 
 
+def gpu_rows(tmp: Path, log: Path) -> list[dict]:
+    """The streamed path with ``--device cuda`` (the CPU run beside it uses every core)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--parts gpu needs a CUDA device")
+    gpu_name, threads = torch.cuda.get_device_name(0), os.cpu_count()
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        row = {"part": "gpu", "mode": "streamed", "processes": 1, "gpu": gpu_name, "threads": threads, **row}
+        rows.append(row)
+        print(row, flush=True)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    model_dir = tmp / "gpu-small"
+    params = write_random_model(model_dir, num_hidden_layers=4, **WIDTH)
+    seconds = {}
+    for device in ("cpu", "cuda"):
+        spec = dict(DP_SPEC, mode="streamed", model_dir=str(model_dir), out_dir=str(tmp / f"gpu-small-{device}"),
+                    device=device, threads=threads)
+        m = measure(spec)
+        seconds[device] = m["seconds"]
+        record({"model": "llama-w512-L4", "method": "repquant", "w_bits": 4, "a_bits": 8, "layers": 4, "params": params,
+                "device": device, "calib_seconds": m["seconds"], "peak_mem_mb": m["peak_rss_mb"],
+                "gpu_peak_mb": m.get("gpu_peak_mb"), "samples_per_s": round(DP_SPEC["samples"] / m["seconds"], 3),
+                "speedup": round(seconds["cpu"] / m["seconds"], 2) if device == "cuda" else None})
+    model_dir = tmp / "big"
+    params = write_random_model(model_dir, dtype="float16", **BIG)
+    for recipe, options in BIG_RECIPES:
+        m = measure(big_spec(model_dir, tmp, recipe, options, device="cuda", threads=threads))
+        record({"model": "llama-1.1b-random", "method": recipe, "w_bits": 4, "a_bits": 8,
+                "layers": BIG["num_hidden_layers"], "params": params, "device": "cuda", "calib_seconds": m["seconds"],
+                "peak_mem_mb": m["peak_rss_mb"], "gpu_peak_mb": m["gpu_peak_mb"], "under_3gb": m["peak_rss_mb"] < 3072})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="*", default=["depth", "big", "dp"])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--code", help="the library source's stamp, where the run is on a copy without git "
+                        "(a lent GPU machine): git rev-parse HEAD:src/reparq | cut -c1-12")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -179,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from reparq.report.results import source_version, write_results
 
-    code = source_version()
+    code = args.code or source_version()
+    if "gpu" in args.parts:
+        if args.parts != ["gpu"]:
+            parser.error("--parts gpu runs on its own (another machine, another results file)")
+        return gpu_main(args, code, argv)
 
     previous: dict[str, list[dict]] = {}
     path = args.out / "scale.json"
@@ -206,6 +270,31 @@ def main(argv: list[str] | None = None) -> int:
                   extra_columns=("part", "mode", "layers", "params", "processes", "samples_per_s", "speedup", "under_3gb",
                                  "code"))
     return 0
+
+
+def gpu_main(args, code: str | None, argv: list[str] | None) -> int:
+    """``--parts gpu``: another machine, so its own results file (scale_gpu)."""
+    from reparq.report.results import write_results
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "scale_gpu.rows.jsonl"
+    log.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="reparq-scale-") as tmp:
+        rows = gpu_rows(Path(tmp), log)
+    for r in rows:
+        r["code"] = code
+    write_results(args.out, "scale_gpu", "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  rows, GPU_NOTES, extra_columns=("device", "gpu", "threads", "layers", "params", "gpu_peak_mb",
+                                                  "samples_per_s", "speedup", "under_3gb", "code"))
+    return 0
+
+
+GPU_NOTES = ("The streamed path on a lent GPU machine (issue 9's --device cuda). Each row is its own fresh "
+             "process; peak MB = the process's peak RSS (imports included), gpu_peak_mb = torch's peak allocated "
+             "GPU memory. The two llama-w512-L4 rows are one run's CPU (every core) and GPU calibration of the "
+             "same model and data: speedup = CPU seconds / GPU seconds. The 1.1B rows are the scale benchmark's "
+             "big part on the GPU (random weights: memory and time, not accuracy). Statistics, GPTQ's "
+             "float64 solve and the cached activations stay on the CPU by design.")
 
 
 if __name__ == "__main__":

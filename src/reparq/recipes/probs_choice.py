@@ -20,6 +20,7 @@ from reparq.quant.log import LogQuantizer
 from reparq.quant.ranges import estimate_params
 from reparq.quant.uniform import UniformQuantizer
 from reparq.recipes.calibrate import float_pass
+from reparq.recipes.reconstruct import module_device
 
 
 @torch.no_grad()
@@ -42,8 +43,10 @@ def observe_probabilities(model: nn.Module, batches, max_samples: int = 1 << 16,
 
 
 def _error(quantizer: nn.Module, x: torch.Tensor) -> float:
+    """Squared error of ``quantizer`` on the (CPU-held) samples, computed where the quantizer lives."""
     enabled = quantizer.enabled
     quantizer.enabled = True
+    x = x.to(module_device(quantizer))
     try:
         return float((quantizer(x) - x).pow(2).mean())
     finally:

@@ -162,8 +162,12 @@ def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def module_device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    """Where ``module`` computes: its first parameter's device, else its first buffer's (a log
+    quantizer holds only a buffer), else the CPU."""
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def run_unit(module: nn.Module, cache: TensorCache, args: tuple, kwargs: dict, batch_size: int,

@@ -272,8 +272,10 @@ def calibrate_postnorm(model: nn.Module, pairs: list[NormPair], rows: dict[str, 
         one_zero_point = pair.folds_into_norm and not norm_has_bias(model.get_submodule(pair.norm))
         if one_zero_point and not learnable:
             scale, zp = shared_zero_point_params(lo, hi, bits)
-        if learnable:
-            shared = DualClipQuantizer(bits, lo, hi, channel_axis=-1, lr=lr, shared_zero_point=one_zero_point)
+        if learnable:  # the bounds come from CPU-held statistics; they learn where the quantizer computes
+            device = aq0.scale.device
+            shared = DualClipQuantizer(bits, lo.to(device), hi.to(device), channel_axis=-1, lr=lr,
+                                       shared_zero_point=one_zero_point)
             for layer in grid:
                 layer.input_quantizer = shared
             continue

@@ -47,7 +47,7 @@ from reparq.quant.log_reparam import convert_logsqrt2_to_log2
 from reparq.recipes.block_recon import recon_config
 from reparq.recipes.calibrate import activation_quantizers, set_quant_enabled
 from reparq.recipes.insert import insert_quantizers
-from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
+from reparq.recipes.reconstruct import _first, _set_units_quant, module_device, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
 from reparq.recipes.repquant import clip_iters_for, drop_prob_for, gptq_for
@@ -61,7 +61,8 @@ PARTS_DIR = "parts"
 
 
 class Host(nn.Module):
-    """Some of a model's submodules under their full names (``model.layers.3``), run by ``fn``."""
+    """Some of a model's submodules under their full names (``model.layers.3``), run by ``fn`` on
+    the device they live on: the cached hidden states it is fed stay on the CPU."""
 
     def __init__(self, parts: dict[str, nn.Module], fn: Callable[["Host", torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
@@ -76,7 +77,7 @@ class Host(nn.Module):
         self._fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(self, x)
+        return self._fn(self, x.to(module_device(self)))
 
 
 @dataclass
@@ -316,6 +317,7 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
     pairs = prepare_transformer(host, streams["stat"], config, opts, seed, SILENT,
                                 learnable_clip=any(p == "clip" for p, _, _ in phases), clip_lr=getattr(opts, "clip_lr", 1e-3),
                                 bits=plan.bits, observer_index=plan.observer_index)
+    host.to(device)  # quantizers set up from CPU-held statistics follow their layer (a no-op on the CPU)
     unit = Unit(unit_name, "layer" if head else "block", plan.unit_stage.get(unit_name),
                 [n for n, _ in quantized_layers(host)])
     k = plan.unit_index[unit_name]
@@ -327,6 +329,7 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
         fp_chain, q_chain, fp_cal, q_cal = _PHASE_STREAMS[phase]
         if phase == "weights":
             fold_and_reinit(host, pairs, config, opts)
+            host.to(device)
             pairs = []
         _set_units_quant(host, [unit], False)
         fp_in, q_in = (streams[fp_cal], streams[q_cal]) if head else (streams[fp_chain], streams[q_chain])
@@ -344,6 +347,7 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
         out[q_cal] = _run_batches(host, streams[q_cal], device)
     if pairs:
         fold_and_reinit(host, pairs, config, opts)
+        host.to(device)
     set_quant_enabled(host, weights=True, inputs=True)
     if opts.to_log2:
         convert_logsqrt2_to_log2(host)
