@@ -36,7 +36,7 @@ def _quantiles(rows: torch.Tensor, qs: list[float]) -> torch.Tensor:
     if rows.shape[1] > _QUANTILE_LIMIT // max(1, rows.shape[0]):
         step = max(1, rows.shape[1] * rows.shape[0] // _QUANTILE_LIMIT + 1)
         rows = rows[:, ::step]
-    return torch.quantile(rows, torch.tensor(qs, dtype=rows.dtype), dim=1)
+    return torch.quantile(rows, torch.tensor(qs, dtype=rows.dtype, device=rows.device), dim=1)
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ def minmax_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None 
 def percentile_params(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None, pct: float = 99.99,
                       narrow: bool = False):
     rows = _as_channels(x, axis)
-    q = torch.tensor([1.0 - pct / 100.0, pct / 100.0])
+    q = torch.tensor([1.0 - pct / 100.0, pct / 100.0], dtype=rows.dtype, device=rows.device)
     if rows.shape[1] > 16_000_000:  # torch.quantile's input limit; the sample is ample
         rows = rows[:, torch.linspace(0, rows.shape[1] - 1, 16_000_000).long()]
     lo_hi = torch.quantile(rows, q, dim=1)

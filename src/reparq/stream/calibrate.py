@@ -24,7 +24,6 @@ resumes. Under ``torchrun`` the calibration batches are split over ranks
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import gc
@@ -47,7 +46,7 @@ from reparq.quant.log_reparam import convert_logsqrt2_to_log2
 from reparq.recipes.block_recon import recon_config
 from reparq.recipes.calibrate import activation_quantizers, set_quant_enabled
 from reparq.recipes.insert import insert_quantizers
-from reparq.recipes.reconstruct import _first, _set_units_quant, module_device, reconstruct_unit
+from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
 from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
 from reparq.recipes.repquant import clip_iters_for, drop_prob_for, gptq_for
@@ -62,9 +61,14 @@ PARTS_DIR = "parts"
 
 class Host(nn.Module):
     """Some of a model's submodules under their full names (``model.layers.3``), run by ``fn`` on
-    the device they live on: the cached hidden states it is fed stay on the CPU."""
+    ``device``. The recipe's passes build quantizers from statistics held on the CPU (observers,
+    per-channel rows, the probabilities' samples), so before each run the host moves whatever it
+    holds to its device (a no-op for what is already there), and its input with it: the cached
+    hidden states stay on the CPU. No default-device context: that would also send the passes'
+    CPU-side bookkeeping (observer pools, seeded index draws) to the GPU."""
 
-    def __init__(self, parts: dict[str, nn.Module], fn: Callable[["Host", torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, parts: dict[str, nn.Module], fn: Callable[["Host", torch.Tensor], torch.Tensor],
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
         for name, module in parts.items():
             parent: nn.Module = self
@@ -75,9 +79,11 @@ class Host(nn.Module):
                 parent = parent._modules[comp]
             parent.add_module(last, module)
         self._fn = fn
+        self.device = torch.device(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(self, x.to(module_device(self)))
+        self.to(self.device)
+        return self._fn(self, x.to(self.device))
 
 
 @dataclass
@@ -100,11 +106,6 @@ def _plan(skeleton: nn.Module, config, options) -> Plan:
     pairs = reparam_groups(q, norms=options.reparam, consumer_fold=getattr(options, "consumer_fold", False))
     return Plan(bits, {n: i for i, (n, _) in enumerate(activation_quantizers(q))},
                 {u.name: k for k, u in enumerate(units)}, {u.name: u.stage for u in units}, bool(pairs))
-
-
-def _default_device(device: str):
-    """New tensors (the quantizers a step inserts) on the step's device; a no-op on the CPU."""
-    return torch.device(device) if str(device) != "cpu" else contextlib.nullcontext()
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -246,17 +247,15 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
             is_head = step == n_layers
             if is_head:
                 host, unit_name, norm = _head_host(skeleton, norm_name, embed_name, checkpoint, device, tied)
-                with _default_device(device):
-                    streams = _run_step(host, unit_name, streams, phases, config, opts, plan, seed, reporter,
-                                        (), {}, device, head_norm=norm)
+                streams = _run_step(host, unit_name, streams, phases, config, opts, plan, seed, reporter,
+                                    (), {}, device, head_norm=norm)
             else:
                 name = f"{layers_name}.{step}"
                 layer = materialize(layers[step], name, checkpoint, device)
-                host = Host({name: layer}, _layer_fn(name, args, kwargs))
+                host = Host({name: layer}, _layer_fn(name, args, kwargs), device)
                 reporter.stage(f"layer {step + 1}/{n_layers}", total=max(1, sum(c.iters for _, c, _ in phases)))
-                with _default_device(device):
-                    streams = _run_step(host, name, streams, phases, config, opts, plan, seed, reporter,
-                                        args, kwargs, device)
+                streams = _run_step(host, name, streams, phases, config, opts, plan, seed, reporter,
+                                    args, kwargs, device)
             result.recon_stats += getattr(host, "reparq_recon_stats", [])
             if writer:
                 _write_part(host, parts, f"step-{step:05d}")
@@ -306,7 +305,7 @@ def _head_host(skeleton: nn.Module, norm_name: str, embed_name: str, checkpoint:
     if tied:  # tied output layer: its own, real copy of the embedding matrix (the skeleton shares one meta tensor)
         head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
     head = materialize(head, head_name, checkpoint, device, aliases={f"{head_name}.weight": f"{embed_name}.weight"})
-    return Host({norm_name: norm, head_name: head}, _head_fn(norm_name, head_name)), head_name, norm
+    return Host({norm_name: norm, head_name: head}, _head_fn(norm_name, head_name), device), head_name, norm
 
 
 def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, plan: Plan, seed: int,
@@ -317,7 +316,7 @@ def _run_step(host: Host, unit_name: str, streams: dict, phases, config, opts, p
     pairs = prepare_transformer(host, streams["stat"], config, opts, seed, SILENT,
                                 learnable_clip=any(p == "clip" for p, _, _ in phases), clip_lr=getattr(opts, "clip_lr", 1e-3),
                                 bits=plan.bits, observer_index=plan.observer_index)
-    host.to(device)  # quantizers set up from CPU-held statistics follow their layer (a no-op on the CPU)
+    host.to(device)  # the unit is trained below without going through the host (see Host)
     unit = Unit(unit_name, "layer" if head else "block", plan.unit_stage.get(unit_name),
                 [n for n, _ in quantized_layers(host)])
     k = plan.unit_index[unit_name]
