@@ -4,17 +4,19 @@
 Skipped where no CUDA device is visible (CI has none); run on a GPU with
 ``pytest tests/test_cuda.py -s`` (``-s`` prints the measured differences).
 
-Why a tolerance and not bit equality: the GPU sums in another order, so activation statistics
-and gradients differ in their last bits, and a value that sits on a rounding boundary (an
-integer weight, a percentile sample) can land one step the other way. What must hold is that
-this is noise next to quantization itself (for scale: calibrating the same model on the CPU with
-seed 1 instead of 0 gives 0.5-1.2 on the last criterion, and up to 16 % differing integers):
+Why a tolerance and not bit equality: the GPU sums in another order, so activation statistics,
+Hessians and gradients differ in their last bits. What that does depends on the recipe:
 
-- at most 1 % of the integer weights differ;
-- at most 1 % of the scale entries differ by more than 1e-3 (relative): a range search whose two
-  best candidates nearly tie may pick the other one for a channel;
-- the two loaded models' logits differ by at most a tenth of the CPU model's own distance from
-  the float model (so the device moves the result by < 10 % of what quantizing does).
+- ``repqvit`` only takes statistics, so the results agree to float rounding: at most 0.1 % of
+  the integer weights differ, and the two loaded models' logits differ by at most 1 % of the CPU
+  model's own distance from the float model (measured on an H200: no integer differs, 1e-6).
+- ``repquant`` learns (dual clipping, AdaRound or GPTQ rounding), and that learning turns last-bit
+  differences into different rounding decisions: on the CPU alone, multiplying every weight of
+  the model by ``1 + 1.2e-7 * noise`` (one float32 rounding step) moves its logits by 25-90 % of
+  the quantization error itself, as much as the GPU does (30-63 %), and calibrating with seed 1
+  instead of 0 moves them by 50-120 %. So what must agree is the quality, not the weights: the
+  GPU model's distance from the float model is within 5 % of the CPU model's (measured: -1.3 to
+  +0.6 %; the one-step weight perturbation on the CPU gives -1.7 to +2.1 %).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from tests.test_stream import RECIPES, _ids, _llama, _saved, _tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-MAX_INT_DIFF_FRACTION = 0.01
-SCALE_RTOL = 1e-3
-MAX_SCALE_DIFF_FRACTION = 0.01
-MAX_DEVICE_TO_QUANT_ERROR = 0.1
+# Statistics-only recipes: equal up to float rounding.
+MAX_INT_DIFF_FRACTION = 0.001
+MAX_DEVICE_TO_QUANT_ERROR = 0.01
+# Learning recipes: equally good.
+MAX_QUALITY_CHANGE = 0.05
 
 
 def device_differences(cpu_dir, gpu_dir, fp_model, held: torch.Tensor) -> dict[str, float]:
@@ -51,21 +54,23 @@ def device_differences(cpu_dir, gpu_dir, fp_model, held: torch.Tensor) -> dict[s
     quant_error = float((on_cpu - fp).norm())
     device_error = float((on_gpu - on_cpu).norm())
     return {"int_diff_fraction": differing, "max_step": max_step, "max_scale_rtol": float(rel.max()),
-            "scale_diff_fraction": float((rel > SCALE_RTOL).float().mean()),
             "quant_error": quant_error, "gpu_quant_error": float((on_gpu - fp).norm()), "device_error": device_error,
             "device_to_quant": device_error / quant_error}
 
 
-def assert_within_tolerance(d: dict[str, float]) -> None:
+def assert_within_tolerance(d: dict[str, float], learned: bool) -> None:
     print(d)
-    assert d["int_diff_fraction"] <= MAX_INT_DIFF_FRACTION, d
-    assert d["scale_diff_fraction"] <= MAX_SCALE_DIFF_FRACTION, d
-    assert d["device_to_quant"] <= MAX_DEVICE_TO_QUANT_ERROR, d
+    if learned:
+        assert abs(d["gpu_quant_error"] / d["quant_error"] - 1) <= MAX_QUALITY_CHANGE, d
+    else:
+        assert d["int_diff_fraction"] <= MAX_INT_DIFF_FRACTION, d
+        assert d["device_to_quant"] <= MAX_DEVICE_TO_QUANT_ERROR, d
 
 
 # W4A8 repquant rounds by GPTQ (Hessians gathered from GPU activations); W4A4 by AdaRound (Adam on
 # the GPU); repqvit learns nothing (statistics only). OPT: LayerNorm folds and learned positions.
 @pytest.mark.parametrize("recipe,tied,bits,family", [("repqvit", False, (4, 8), "llama"),
+                                                     ("repqvit", True, (4, 8), "opt"),
                                                      ("repquant", True, (4, 4), "llama"),
                                                      ("repquant", False, (4, 8), "llama"),
                                                      ("repquant", True, (4, 4), "opt")])
@@ -78,7 +83,8 @@ def test_streamed_on_cuda_matches_cpu(tmp_path, recipe, tied, bits, family):
     torch.cuda.reset_peak_memory_stats()
     gpu = quantize_streamed(src, ids, tmp_path / "gpu", device="cuda", **opts)
     assert torch.cuda.max_memory_allocated() > 0  # the layers did run on the GPU
-    assert_within_tolerance(device_differences(cpu.out_dir, gpu.out_dir, model, _ids(n=8, t=32, seed=5)))
+    assert_within_tolerance(device_differences(cpu.out_dir, gpu.out_dir, model, _ids(n=8, t=32, seed=5)),
+                            learned=recipe == "repquant")
 
 
 def test_cli_stream_on_cuda(tmp_path, capsys):
@@ -97,4 +103,5 @@ def test_cli_stream_on_cuda(tmp_path, capsys):
     assert "4 steps (3 layers + head)" in capsys.readouterr().out
     cpu = quantize_streamed(src, ids, tmp_path / "cpu", recipe="repquant", w_bits=4, a_bits=8, batch_size=8,
                             **RECIPES["repquant"])
-    assert_within_tolerance(device_differences(cpu.out_dir, tmp_path / "gpu", model, _ids(n=8, t=32, seed=5)))
+    assert_within_tolerance(device_differences(cpu.out_dir, tmp_path / "gpu", model, _ids(n=8, t=32, seed=5)),
+                            learned=True)
