@@ -189,7 +189,8 @@ def dp_rows(tmp: Path) -> list[dict]:
 
 
 def gpu_rows(tmp: Path, log: Path) -> list[dict]:
-    """The streamed path with ``--device cuda`` (the CPU run beside it uses every core)."""
+    """The streamed path with ``--device cuda`` (the CPU run beside it uses every core); each row is
+    appended to ``log`` as soon as it is measured."""
     import torch
 
     if not torch.cuda.is_available():
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--code", help="the library source's stamp, where the run is on a copy without git "
                         "(a lent GPU machine): git rev-parse HEAD:src/reparq | cut -c1-12")
+    parser.add_argument("--rows", type=Path, help="with --parts gpu: write scale_gpu.{md,json} from the rows log "
+                        "(scale_gpu.rows.jsonl) a lent GPU machine sent back, without measuring")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -273,19 +276,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def gpu_main(args, code: str | None, argv: list[str] | None) -> int:
-    """``--parts gpu``: another machine, so its own results file (scale_gpu)."""
-    from reparq.report.results import write_results
+    """``--parts gpu``: another machine, so its own results file (scale_gpu). The rows log opens
+    with that machine's environment, so that ``--rows LOG`` can write the results file here from
+    what a lent machine sent back, also when its run was cut short."""
+    from reparq.report.results import environment
 
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.rows:
+        return write_gpu_results(args.out, args.rows, command)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "scale_gpu.rows.jsonl"
-    log.unlink(missing_ok=True)
+    log.write_text(json.dumps({"environment": environment(), "command": command, "code": code}) + "\n")
     with tempfile.TemporaryDirectory(prefix="reparq-scale-") as tmp:
-        rows = gpu_rows(Path(tmp), log)
-    for r in rows:
-        r["code"] = code
-    write_results(args.out, "scale_gpu", "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  rows, GPU_NOTES, extra_columns=("device", "gpu", "threads", "layers", "params", "gpu_peak_mb",
-                                                  "samples_per_s", "speedup", "under_3gb", "code"))
+        gpu_rows(Path(tmp), log)
+    return write_gpu_results(args.out, log, command)
+
+
+def write_gpu_results(out: Path, log: Path, command: str) -> int:
+    from reparq.report.results import command_history, write_results
+
+    entries = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    head = next(e for e in entries if "environment" in e)
+    rows = [{**e, "code": head["code"]} for e in entries if "part" in e]
+    expected = 2 + len(BIG_RECIPES)
+    notes = GPU_NOTES
+    if len(rows) < expected:
+        notes += (f" This run was cut short after {len(rows)} of its {expected} rows (the lent machine's time limit);"
+                  " the missing rows were not measured.")
+    if command != head["command"]:  # written here from a log sent back: both commands, in order
+        command = command_history(head["command"], command)
+    write_results(out, "scale_gpu", command, rows, notes,
+                  extra_columns=("device", "gpu", "threads", "layers", "params", "gpu_peak_mb", "samples_per_s",
+                                 "speedup", "under_3gb", "code"), measured_on=head["environment"])
     return 0
 
 

@@ -74,3 +74,25 @@ def test_a_resumable_run_skips_what_is_measured_drops_stale_rows_and_stamps_its_
     items = load_per_item(tmp_path, "bench")
     assert set(items) == {row_key(_row("m", 0)), row_key(_row("m", 1))}
     assert items[row_key(_row("m", 1))] == {"code": source_version(), "images": 4, "hits": "AQ=="}
+
+
+def test_gpu_rows_sent_back_are_written_with_their_machine(tmp_path, monkeypatch):
+    """``scale.py --parts gpu --rows LOG`` writes what a lent GPU machine sent back: that machine's
+    environment in the header (not this one's), the run's code stamp on each row, both commands,
+    and a note when the run was cut short."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import scale
+
+    env = {"python": "3.12", "torch": "2.11.0+cu130", "machine": "x86_64, 16 CPU cores, NVIDIA H200"}
+    row = {"part": "gpu", "model": "llama-w512-L4", "method": "repquant", "w_bits": 4, "a_bits": 8, "device": "cuda",
+           "calib_seconds": 20.0, "peak_mem_mb": 2000.0, "gpu_peak_mb": 500.0}
+    log = tmp_path / "scale_gpu.rows.jsonl"
+    log.write_text("\n".join(json.dumps(e) for e in (
+        {"environment": env, "command": "python benchmarks/scale.py --parts gpu --code abc", "code": "abc"},
+        {**row, "device": "cpu"}, row)) + "\n")
+    assert scale.main(["--parts", "gpu", "--rows", str(log), "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "scale_gpu.json").read_text())
+    assert payload["machine"] == env["machine"] and payload["versions"] == {"python": "3.12", "torch": "2.11.0+cu130"}
+    assert payload["command"].startswith("python benchmarks/scale.py --parts gpu --code abc; python benchmarks/")
+    assert [r["device"] for r in payload["rows"]] == ["cpu", "cuda"] and {r["code"] for r in payload["rows"]} == {"abc"}
+    assert "cut short after 2 of its 4 rows" in (tmp_path / "scale_gpu.md").read_text()

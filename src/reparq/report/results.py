@@ -116,12 +116,14 @@ def command_history(previous: str, command: str) -> str:
     return "; ".join(dict.fromkeys(runs))
 
 
-def results_header(name: str, command: str, *, code: bool = False, **versions: str) -> dict:
+def results_header(name: str, command: str, *, code: bool = False, measured_on: dict | None = None,
+                   **versions: str) -> dict:
     """The header every ``results/<name>.json`` opens with (DESIGN.md section 5): benchmark,
     command, date, machine and versions (``versions`` adds some, e.g. onnxruntime). With ``code``
     also the library source of this run (:func:`source_version`), for files that are one run's
-    statistics and figures rather than rows that each carry their own."""
-    env = {**environment(), **versions}
+    statistics and figures rather than rows that each carry their own. ``measured_on``: another
+    machine's environment, in place of this process's (:func:`write_results`)."""
+    env = {**(environment() if measured_on is None else measured_on), **versions}
     header = {"benchmark": name, "command": command.strip(), "date": _dt.date.today().isoformat(),
               "machine": env["machine"], "versions": {k: v for k, v in env.items() if k != "machine"}}
     if code:
@@ -138,10 +140,13 @@ def header_lines(header: dict) -> list[str]:
 
 
 def write_results(out_dir: str | Path, name: str, command: str, rows: list[dict], notes: str = "",
-                  extra_sections: str = "", extra_columns: tuple[str, ...] = ()) -> tuple[Path, Path]:
+                  extra_sections: str = "", extra_columns: tuple[str, ...] = (),
+                  measured_on: dict | None = None) -> tuple[Path, Path]:
+    """``measured_on``: the machine and versions (:func:`environment`'s keys) of a run whose rows
+    were measured elsewhere (a lent GPU machine) and are written here; default: this process's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {**results_header(name, command), "rows": rows}
+    payload = {**results_header(name, command, measured_on=measured_on), "rows": rows}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     md = [*header_lines(payload), ""]
