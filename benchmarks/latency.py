@@ -21,7 +21,6 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -31,6 +30,7 @@ import torch.nn as nn  # noqa: E402
 import reparq  # noqa: E402
 from reparq.deploy import ort_runner  # noqa: E402
 from reparq.deploy.onnx_export import torch_to_onnx  # noqa: E402
+from reparq.eval.latency import cpu_isa, time_interleaved  # noqa: E402
 from reparq.report.results import header_lines, results_header, source_version  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -39,32 +39,6 @@ COLUMNS = (("model", "model"), ("weights", "weights"), ("batch", "batch"), ("fp_
            ("int8_ms", "int8 ms"), ("ratio", "int8/FP32"), ("agreement", "agreement"),
            ("max_diff", "max abs diff"), ("quant_metric", "quant (torch / ORT)"), ("int8_kernels", "int8 kernels"),
            ("float_ops", "float compute ops"), ("code", "code"))
-
-
-def cpu_isa() -> str:
-    """The x86 extensions that decide which int8 kernels ORT can use."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
-
-
-def time_interleaved(runs: dict[str, callable], repeats: int, inner: int, warmup: int = 3) -> dict[str, float]:
-    """Median over ``repeats`` of the mean time (ms) of ``inner`` calls, variants interleaved."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    names = list(runs)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                runs[name]()
-            samples[name].append((time.perf_counter() - t0) * 1000.0 / inner)
-    return {n: float(np.median(v)) for n, v in samples.items()}
 
 
 def _runner(session, feed: dict[str, np.ndarray]):
