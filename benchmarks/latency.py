@@ -30,7 +30,7 @@ import torch.nn as nn  # noqa: E402
 import reparq  # noqa: E402
 from reparq.deploy import ort_runner  # noqa: E402
 from reparq.deploy.onnx_export import torch_to_onnx  # noqa: E402
-from reparq.eval.latency import cpu_isa, time_interleaved  # noqa: E402
+from reparq.eval.latency import cpu_isa, int8_instructions, time_interleaved  # noqa: E402
 from reparq.report.results import header_lines, results_header, source_version  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -173,15 +173,17 @@ def minilm_rows(args, work: Path) -> list[dict]:
                          args.minilm_repeats, args.threads)
 
 
-def write(out_dir: Path, command: str, rows: list[dict], notes: str) -> None:
-    header = results_header("latency", command, onnxruntime=__import__("onnxruntime").__version__)
-    payload = {**header, "cpu": cpu_isa(), "rows": rows}
+def write(out_dir: Path, command: str, rows: list[dict], notes: str, name: str = "latency",
+          columns: tuple = COLUMNS) -> None:
+    """``results/<name>.{json,md}``: the speed rows with the CPU's int8 instructions in the header."""
+    header = results_header(name, command, onnxruntime=__import__("onnxruntime").__version__)
+    payload = {**header, "cpu": cpu_isa(), "int8_instructions": int8_instructions(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latency.json").write_text(json.dumps(payload, indent=1) + "\n")
-    md = [*header_lines(header), f"- CPU: {payload['cpu']}", "", notes.strip(), "",
-          "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(str(r.get(k, "")) for k, _ in COLUMNS) + " |" for r in rows]
-    (out_dir / "latency.md").write_text("\n".join(md) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    md = [*header_lines(header), f"- CPU: {payload['cpu']} (int8 path: {payload['int8_instructions']})", "",
+          notes.strip(), "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(str(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,10 @@ class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # stem: runs in float
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # RGB 3x3 stem: 27 products, int8
             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())  # output pooled, not requantized: float
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())  # output pooled: requantized from its recorded range
         self.head = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -81,15 +81,62 @@ def test_cnn_export_matches_pytorch_and_runs_int8(tmp_path, w_bits, a_bits):
     # Out-of-range inputs (3x the calibration spread) exercise the clipping of every grid.
     x = _images(48, 2, scale=3.0)
     ref = _torch(qmodel, x)
-    assert np.abs(_ort(path, x, optimize=False) - ref).max() <= EXACT_ATOL
+    exact = reparq.export_onnx(qmodel, tmp_path / "exact.onnx", torch.zeros(1, 3, 12, 12), requantize=False)
+    assert np.abs(_ort(exact, x, optimize=False) - ref).max() <= EXACT_ATOL
     path_u8 = reparq.export_onnx(qmodel, tmp_path / "cnn_u8.onnx", torch.zeros(1, 3, 12, 12), weight_dtype="uint8")
     _assert_int8_close(_ort(path_u8, x, optimize=True), ref)
+    # Every conv runs on integers: the last one (its output is pooled) through the requantization of
+    # its output; the head is a MatMulIntegerToFloat, not a float Gemm. Nothing computes in float.
     kernels = ort_runner.optimized_op_counts(path)
-    # The two middle convs feed a requantized ReLU: int8. The stem (3 input channels) and the last conv
-    # (its output is pooled, no output scale) run in float, with the fake-quant values.
-    assert kernels["QLinearConv"] == 2 and kernels["MatMulIntegerToFloat"] == 1
-    assert sum(ort_runner.float_kernels(kernels).values()) == 2
-    assert not ort_runner.float_kernels(kernels).keys() - {"Conv", "FusedConv"}  # the head is not a float Gemm
+    assert kernels["QLinearConv"] == 4 and kernels["MatMulIntegerToFloat"] == 1
+    assert not ort_runner.float_kernels(kernels)
+    # Without the requantization the last conv has no output scale and runs in float, on the fake-quant values.
+    kernels = ort_runner.optimized_op_counts(exact)
+    assert kernels["QLinearConv"] == 3 and sum(ort_runner.float_kernels(kernels).values()) == 1
+    assert not ort_runner.float_kernels(kernels).keys() - {"Conv", "FusedConv"}
+
+
+def test_unfused_conv_output_is_requantized_on_its_recorded_range(tmp_path):
+    calib = _images(64, 1)
+    qmodel = _quantized_cnn()
+    last = dict(quantized_layers(qmodel))["features.7"]
+    seen = []
+    handle = last.register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        qmodel(calib)
+    handle.remove()
+    lo, hi = float(seen[0].min()), float(seen[0].max())
+    ranges = qmodel.reparq_info.extra["output_ranges"]
+    assert ranges["features.7"] == pytest.approx([lo, hi], rel=1e-6) and set(ranges) == {
+        "features.0", "features.3", "features.5", "features.7"}
+    path = reparq.export_onnx(qmodel, tmp_path / "m.onnx", torch.zeros(1, 3, 12, 12))
+    proto = onnx.load(str(path))
+    assert {p.key: p.value for p in proto.metadata_props}["reparq.requantized"] == "features.7"
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    # After the ReLU: [0, max] on uint8 with zero-point 0, so ORT folds the ReLU into the QLinearConv.
+    assert float(inits["features.7.out_scale"]) == pytest.approx(hi / 255, rel=1e-6)
+    assert int(inits["features.7.out_zero_point"]) == 0
+    # One extra 8-bit rounding of the pooled features: within the int8 tolerance, not exact.
+    x = _images(48, 2)
+    ref = _torch(qmodel, x)
+    _assert_int8_close(_ort(path, x, optimize=False), ref)
+    # The range travels with the saved model.
+    reparq.save(qmodel, tmp_path / "saved")
+    loaded = reparq.load(tmp_path / "saved", TinyCNN())
+    assert loaded.reparq_info.extra["output_ranges"] == ranges
+
+
+def test_stems_on_raw_pixels_run_in_float_only_with_a_short_reduction():
+    from reparq.deploy.onnx_export import runs_in_float
+    from reparq.nn.qmodules import QConv2d
+
+    def conv(c_in, k, groups=1):
+        return QConv2d(c_in, 8 * groups, k, groups=groups)
+
+    assert runs_in_float(conv(1, 3))  # 9 products per output: the zoo's gray stems
+    assert not runs_in_float(conv(3, 3))  # RGB 3x3 stem: 27
+    assert not runs_in_float(conv(3, 16))  # ViT patch embedding: 768
+    assert not runs_in_float(conv(8, 1))  # not on raw pixels
 
 
 def test_sub_8_bit_grids_are_clipped_on_the_int8_type(tmp_path):
@@ -120,16 +167,19 @@ def test_weights_are_exported_as_integers_on_their_grid(tmp_path):
 def test_weight_storage_auto_and_uint8_give_identical_values(tmp_path):
     qmodel = _quantized_cnn()
     layers = dict(quantized_layers(qmodel))
-    # After a ReLU (zero-point 0): int8. The stem sees a two-sided input but runs in float: int8.
+    # Without VNNI: after a ReLU (zero-point 0) int8; the stem sees two-sided raw pixels: uint8.
     assert float(layers["features.0"].input_quantizer.zero_point) > 0
-    assert weight_storage(layers["features.0"]) == "int8" and weight_storage(layers["features.3"]) == "int8"
+    assert weight_storage(layers["features.0"], vnni=False) == "uint8"
+    assert weight_storage(layers["features.3"], vnni=False) == "int8"
     assert weight_storage(layers["features.3"], "uint8") == "uint8"
     two_sided = copy.deepcopy(layers["features.5"])
     two_sided.input_quantizer.zero_point.fill_(100.0)  # e.g. a LayerNorm output: large codes everywhere
-    assert weight_storage(two_sided) == "uint8"
+    assert weight_storage(two_sided, vnni=False) == "uint8"
     low_bits = dict(quantized_layers(_quantized_cnn(4, 4)))["features.5"]
     low_bits.input_quantizer.zero_point.fill_(8.0)
-    assert weight_storage(low_bits) == "int8"  # 4-bit codes cannot saturate a 16-bit pair sum
+    assert weight_storage(low_bits, vnni=False) == "int8"  # 4-bit codes cannot saturate a 16-bit pair sum
+    # With VNNI or AMX products are summed in 32 bits: int8 everywhere, the fast path.
+    assert {weight_storage(layer, vnni=True) for layer in [two_sided, *layers.values()]} == {"int8"}
     x = _images(16, 3)
     a = reparq.export_onnx(qmodel, tmp_path / "a.onnx", torch.zeros(1, 3, 12, 12), weight_dtype="int8")
     b = reparq.export_onnx(qmodel, tmp_path / "b.onnx", torch.zeros(1, 3, 12, 12), weight_dtype="uint8")
@@ -145,7 +195,7 @@ def test_qprep_affine_still_attached_is_folded_on_export(tmp_path):
     with torch.no_grad():
         affine.gamma.copy_(torch.linspace(-1.5, 2.0, 16))
         affine.beta.copy_(torch.linspace(-0.3, 0.3, 16))
-    path = reparq.export_onnx(qmodel, tmp_path / "qprep.onnx", torch.zeros(1, 3, 12, 12))
+    path = reparq.export_onnx(qmodel, tmp_path / "qprep.onnx", torch.zeros(1, 3, 12, 12), requantize=False)
     assert hasattr(layer, "output_affine")  # the caller's model is untouched
     x = _images(32, 4)
     assert np.abs(_ort(path, x, optimize=False) - _torch(qmodel, x)).max() <= EXACT_ATOL
@@ -166,13 +216,18 @@ def _vit_images(n: int, seed: int) -> torch.Tensor:
 def test_vit_export_matches_pytorch_and_runs_int8(tmp_path):
     qmodel = reparq.quantize(_tiny_vit(), _vit_images(64, 1), recipe="mse")
     path = reparq.export_onnx(qmodel, tmp_path / "vit.onnx", torch.zeros(1, 1, 8, 8))
+    exact = reparq.export_onnx(qmodel, tmp_path / "exact.onnx", torch.zeros(1, 1, 8, 8), requantize=False)
     x = _vit_images(48, 2)
     ref = _torch(qmodel, x)
-    assert np.abs(_ort(path, x, optimize=False) - ref).max() <= EXACT_ATOL
+    assert np.abs(_ort(exact, x, optimize=False) - ref).max() <= EXACT_ATOL
     _assert_int8_close(_ort(path, x, optimize=True), ref)
-    kernels = ort_runner.int8_kernels(ort_runner.optimized_op_counts(path))
-    # qkv, proj, fc1, fc2 and the head: every Linear runs on integers.
-    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 5
+    counts = ort_runner.optimized_op_counts(path)
+    kernels = ort_runner.int8_kernels(counts)
+    # qkv, proj, fc1, fc2, the head and both attention matmuls run on integers: q k^T too, its
+    # 1/sqrt(d) folded into the query's dequantize scale (else ORT makes it a float FusedMatMul).
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) == 7
+    # The 4x4 patch embedding (16 products: not a float stem) has no ReLU: not requantized, float.
+    assert ort_runner.float_kernels(counts) == {"Conv": 1}
 
 
 def test_log_quantized_attention_probabilities_export_as_float_fake_quant(tmp_path):
@@ -181,7 +236,7 @@ def test_log_quantized_attention_probabilities_export_as_float_fake_quant(tmp_pa
     qmodel = reparq.quantize(_tiny_vit(), _vit_images(64, 1), recipe="mse")
     (_, mq), = matmul_quantizers(qmodel)
     mq.probs = LogQuantizer(4, "logsqrt2")  # 16 levels, half an octave apart: visibly coarse
-    path = reparq.export_onnx(qmodel, tmp_path / "log.onnx", torch.zeros(1, 1, 8, 8))
+    path = reparq.export_onnx(qmodel, tmp_path / "log.onnx", torch.zeros(1, 1, 8, 8), requantize=False)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"Log", "Round", "Pow"} <= ops
     x = _vit_images(32, 3)
@@ -253,7 +308,7 @@ def test_compare_reports_agreement_and_kernels(tmp_path):
     result = ort_runner.compare(qmodel, path, x, labels)
     assert result.samples == 40 and result.agreement == 100.0 and result.torch_top1 == 100.0
     assert result.ort_top1 == result.agreement  # labels are PyTorch's own predictions
-    assert result.int8_kernels["QLinearConv"] == 2 and "QLinearConv x2" in result.summary()
+    assert result.int8_kernels["QLinearConv"] == 4 and "QLinearConv x4" in result.summary()
     with pytest.raises(ReparqError, match="does not exist"):
         ort_runner.make_session(tmp_path / "missing.onnx")
 
@@ -271,7 +326,7 @@ def test_cli_exports_a_saved_zoo_model_and_checks_it(tmp_path, capsys):
     assert main(["export", str(tmp_path / "saved"), str(out), "--check", "--check-size", "300"]) == 0
     text = capsys.readouterr().out
     agreement = float(re.search(r"top-1 agreement ([\d.]+)%", text).group(1))
-    assert agreement >= 99.0 and "QLinearConv x8" in text  # the 1-channel stem runs in float
+    assert agreement >= 99.0 and "QLinearConv x9" in text  # the 1-channel stem runs in float, the last conv is requantized
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["reparq.recipe"] == "mse" and meta["reparq.w_bits"] == "8"
 
@@ -298,7 +353,7 @@ def test_every_recipe_output_exports(tmp_path, recipe, family):
     model, shape = (_tiny_repvgg(), (1, 1, 16, 16)) if family == "repvgg" else (_tiny_vit(), (1, 1, 8, 8))
     x = torch.randn(32, *shape[1:], generator=torch.Generator().manual_seed(1))
     qmodel = reparq.quantize(model, x, recipe=recipe, w_bits=4, a_bits=4, **options)
-    path = reparq.export_onnx(qmodel, tmp_path / "m.onnx", torch.zeros(shape))
+    path = reparq.export_onnx(qmodel, tmp_path / "m.onnx", torch.zeros(shape), requantize=False)
     ref = _torch(qmodel, x)
     assert ref.std() > 1e-3  # outputs that vary, so the comparison below means something
     assert np.abs(_ort(path, x, optimize=False) - ref).max() <= EXACT_ATOL * max(1.0, np.abs(ref).max())

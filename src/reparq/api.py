@@ -17,6 +17,7 @@ from reparq.errors import ReparqError
 from reparq.eval.measure import measure
 from reparq.nn.qmodules import bake_shared_weights
 from reparq.progress import SILENT, Reporter
+from reparq.recipes.output_ranges import record_output_ranges
 
 
 @dataclass
@@ -187,6 +188,7 @@ def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None
     with measure() as m:
         qmodel = spec.run(qmodel, batches, config, seed=seed, reporter=reporter or SILENT, options=recipe_options)
         bake_shared_weights(qmodel)  # a tied embedding reads what the saved model will hold
+    output_ranges = record_output_ranges(qmodel, batches)  # for the ONNX export only; not calibration time
     # Per-unit reconstruction loss curves, thinned to about 200 points, for `reparq report` (saved with the model).
     recon = getattr(qmodel, "reparq_recon_stats", None) or []
     curves = {s["unit"]: s["history"][::max(1, -(-len(s["history"]) // 200))] for s in recon if s.get("history")}
@@ -194,6 +196,7 @@ def quantize(model: nn.Module, calib_data: Any = None, recipe: str | None = None
                                    calib_samples=sum(_batch_len(b) for b in batches),
                                    calib_seconds=round(m.seconds, 2), peak_mem_mb=m.peak_mem_mb,
                                    extra=({"recon_loss": curves} if curves else {})
+                                   | ({"output_ranges": output_ranges} if output_ranges else {})
                                    # the input shape lets export_onnx trace without an example input
                                    | ({"input_shape": list(batches[0].shape[1:])} if isinstance(batches[0], torch.Tensor) else {}))
     return qmodel

@@ -353,6 +353,9 @@ def export(
     seed: int = typer.Option(0, "--seed", help="with --model"),
     calib_size: int = typer.Option(1024, "--calib-size", help="with --model"),
     weight_dtype: str = typer.Option("auto", "--weight-dtype", help="auto | int8 | uint8 (README: ONNX export)"),
+    requantize: bool = typer.Option(True, "--requantize/--no-requantize",
+                                    help="int8 kernels for convs nothing requantizes (one extra rounding); "
+                                         "--no-requantize: exactly the fake-quant values, those convs in float"),
     check: bool = typer.Option(False, "--check", help="compare ORT with PyTorch on the test split"),
     check_size: int = typer.Option(10000, "--check-size", help="test images used by --check"),
 ) -> None:
@@ -373,7 +376,8 @@ def export(
 
         qmodel = reparq.quantize(load_model(_zoo_name(model)), calibration_subset(calib_size, seed=seed),
                                  recipe=recipe, w_bits=w_bits, a_bits=a_bits, seed=seed)
-    path = reparq.export_onnx(qmodel, out, torch.zeros(1, IN_CHANS, IMG_SIZE, IMG_SIZE), weight_dtype=weight_dtype)
+    path = reparq.export_onnx(qmodel, out, torch.zeros(1, IN_CHANS, IMG_SIZE, IMG_SIZE), weight_dtype=weight_dtype,
+                              requantize=requantize)
     console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
     if check:
         from reparq.data import load_fashion_mnist

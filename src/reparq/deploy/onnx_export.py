@@ -24,8 +24,9 @@ beyond opset-17 operators:
 How the graph is produced: an export-only copy of the model in which each quantized module is
 replaced by one whose forward computes the same fake-quant values and whose ``symbolic`` (an
 ``autograd.Function`` the TorchScript exporter honours) emits the QDQ nodes; no onnxscript (the
-dynamo exporter's dependency, not installed here). One pass over the ONNX graph follows
-(:func:`float_weights_where_unfused`). ``onnx`` and ``torch.onnx`` are imported only when a
+dynamo exporter's dependency, not installed here). Passes over the ONNX graph follow
+(:mod:`reparq.deploy.onnx_passes`): outputs requantized where no layer does, scalar multiplies
+folded into scales, float weights where a conv stays float. ``onnx`` and ``torch.onnx`` are imported only when a
 function of this module runs.
 """
 
@@ -40,6 +41,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, float_weights_where_unfused,
+                                      requantize_unfused_convs)
 from reparq.errors import ReparqError
 from reparq.nn.qmodules import QConv2d, QLinear, QuantizedLayer, quantized_layers
 from reparq.quant.log import LogQuantizer
@@ -253,27 +256,36 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-# Convs with at most this many input channels (stems on raw pixels: gray, RGB, RGBA) run in float:
-# with 9-36 products per output, ORT's int8 im2col GEMM does not pay (the zoo's 1-channel 3x3 stems
-# ran 2-5x slower as QLinearConv than as float convs).
+# Convs on raw pixels (at most this many input channels) with fewer than this many products per
+# output run in float: the zoo's 1-channel 3x3 stems (9 products) ran 2-5x slower as QLinearConv
+# than as float convs. From an RGB 3x3 stem up (27 products) int8 pays: on RepVGG-A0 at 224x224,
+# batch 32, the float stem with its float input fake-quant and layout reorders took ~75 ms of
+# ~200 where ORT's int8 stem took ~15 (AMX CPU); a ViT's 16x16 patch embedding has 768.
 MAX_FLOAT_STEM_CHANNELS = 4
+MAX_FLOAT_STEM_REDUCTION = 16
 
 
 def runs_in_float(layer: QuantizedLayer) -> bool:
     """Whether a conv is exported to compute in float, with the same values as its fake-quant.
 
-    A stem on raw pixels has too short a reduction for an int8 kernel to be faster; its input
+    A stem on raw pixels with a short reduction is not faster as an int8 kernel; its input
     fake-quant is then written as float ops and its on-grid weights as float initializers, so ORT
     neither fuses it (it would otherwise re-quantize the float weights of a ``DQ -> Conv -> Q``
     pattern with its own scales) nor changes a value. Only stems: a layer in float has no
     quantized input, so the layer before it would lose its output scale and run in float too.
     """
-    return (isinstance(layer, nn.Conv2d) and layer.groups == 1
-            and layer.in_channels <= MAX_FLOAT_STEM_CHANNELS)
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or layer.in_channels > MAX_FLOAT_STEM_CHANNELS:
+        return False
+    return layer.in_channels * math.prod(layer.kernel_size) < MAX_FLOAT_STEM_REDUCTION
 
 
-def weight_storage(layer: QuantizedLayer, weight_dtype: str = "auto") -> str:
+def weight_storage(layer: QuantizedLayer, weight_dtype: str = "auto", vnni: bool | None = None) -> str:
     """``"int8"`` or ``"uint8"`` for one layer's weights; only ``"auto"`` decides anything.
+
+    ``vnni``: whether the CPU that will run the model sums u8 x s8 products in 32 bits
+    (AVX512-VNNI, AVX-VNNI, AMX; ARM): then nothing saturates and "auto" is int8 everywhere.
+    ``None`` reads it from the exporting machine (:func:`reparq.eval.latency.has_vnni`); export
+    with ``weight_dtype="uint8"`` or "auto" on such a CPU only for deployment on one without.
 
     Why: ONNX Runtime's x86 kernels without VNNI multiply uint8 activations by int8 weights with
     ``vpmaddubsw``, which adds each pair of products in saturating int16. A pair can exceed
@@ -284,11 +296,16 @@ def weight_storage(layer: QuantizedLayer, weight_dtype: str = "auto") -> str:
     codes (on the zoo CNNs, int8 weights there changed no output; inputs far outside the
     calibration range do saturate them). "auto" stores the first kind as uint8 (+128,
     zero-point 128; ORT's uint8 x uint8 kernels do not saturate, but are slower) and the rest as
-    int8. ``reparq export --check`` shows whether the choice holds for a given model.
+    int8; on a VNNI/AMX CPU, all as int8 (the fast path, and nothing to saturate).
+    ``reparq export --check`` shows whether the choice holds for a given model.
     """
     if weight_dtype != "auto":
         return weight_dtype
-    if runs_in_float(layer):  # no integer kernel will see its weights
+    if vnni is None:
+        from reparq.eval.latency import has_vnni
+
+        vnni = has_vnni()
+    if vnni or runs_in_float(layer):  # no integer kernel will see its weights
         return "int8"
     wq, aq = layer.weight_quantizer, layer.input_quantizer
     if not (wq.enabled and not wq.is_float and aq.enabled and not aq.is_float):
@@ -300,7 +317,7 @@ def weight_storage(layer: QuantizedLayer, weight_dtype: str = "auto") -> str:
     return "uint8" if can_saturate and two_sided else "int8"
 
 
-def export_module(qmodel: nn.Module, weight_dtype: str = "auto") -> nn.Module:
+def export_module(qmodel: nn.Module, weight_dtype: str = "auto", vnni: bool | None = None) -> nn.Module:
     """The export-only copy: quantized layers and quantizers replaced by their ONNX stand-ins.
 
     Its forward gives the fake-quant model's outputs (to float rounding); the caller's model is
@@ -312,13 +329,17 @@ def export_module(qmodel: nn.Module, weight_dtype: str = "auto") -> nn.Module:
         raise ReparqError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     if not quantized_layers(qmodel):
         raise ReparqError("the model has no quantized layers; export the output of reparq.quantize or reparq.load")
+    if vnni is None and weight_dtype == "auto":
+        from reparq.eval.latency import has_vnni
+
+        vnni = has_vnni()
     model = copy.deepcopy(qmodel).eval()
     for name, layer in quantized_layers(model):
         if layer._modules.get("output_affine") is not None:
             fold_qprep(layer)
         if type(layer) not in _EXPORT_TYPES:
             raise ReparqError(f"layer {name!r} of type {type(layer).__name__} has no ONNX export")
-        stand_in = _EXPORT_TYPES[type(layer)](layer, name, weight_storage(layer, weight_dtype))
+        stand_in = _EXPORT_TYPES[type(layer)](layer, name, weight_storage(layer, weight_dtype, vnni))
         model = _set_submodule(model, name, stand_in)
     # Quantizers outside layers: attention matmul inputs (uniform) and probabilities (uniform or log).
     for name, module in list(model.named_modules()):
@@ -328,72 +349,6 @@ def export_module(qmodel: nn.Module, weight_dtype: str = "auto") -> nn.Module:
         elif is_log_quantizer(module):
             model = _set_submodule(model, name, ExportLogQuant(module) if active else _Passthrough())
     return model.eval()
-
-
-def _conv_runs_int8(conv, consumers: dict, const: dict) -> bool:
-    """Mirror of ORT's QDQ Conv fusion condition: the output goes to one QuantizeLinear, directly or
-    through one Relu that the Q's zero-point at the type minimum makes redundant."""
-    nxt = consumers.get(conv.output[0], [])
-    if len(nxt) == 1 and nxt[0].op_type == "Relu":
-        after = consumers.get(nxt[0].output[0], [])
-        if len(after) != 1 or after[0].op_type != "QuantizeLinear" or len(after[0].input) < 3:
-            return False
-        zp = const.get(after[0].input[2])
-        return zp is not None and zp.size == 1 and int(zp.reshape(-1)[0]) == int(torch.iinfo(
-            torch.uint8 if zp.dtype.kind == "u" else torch.int8).min)
-    return len(nxt) == 1 and nxt[0].op_type == "QuantizeLinear"
-
-
-def float_weights_where_unfused(proto) -> list[str]:
-    """Store the on-grid weights of convs whose output is not requantized as float initializers.
-
-    ORT has no int8 kernel for such a conv (QLinearConv needs an output scale), so it runs in
-    float either way; but a ``DequantizeLinear`` weight is dequantized again on every run and hides
-    the weight from ORT's float layout optimizer (NCHWc), which made the last RepVGG conv ~30%
-    slower than in the FP32 model. The values are the floats DequantizeLinear computes
-    (``(q - zero_point) * scale`` in float32). Only convs that cannot fuse are changed: for a
-    ``DQ -> Conv -> Q`` with a float weight, ORT would quantize the weight again with its own
-    (coarser) scales. Returns the names of the convs changed.
-    """
-    import numpy as np
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    const = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    const.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.node
-                  if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    changed, dropped = [], []
-    for conv in [n for n in graph.node if n.op_type == "Conv"]:
-        dq = producers.get(conv.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in const for i in dq.input):
-            continue
-        w_int = const[dq.input[0]]
-        if _conv_runs_int8(conv, consumers, const):
-            continue
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * w_int.ndim
-        scale, zero_point = const[dq.input[1]], const[dq.input[2]] if len(dq.input) > 2 else np.zeros(1)
-        if scale.size > 1:
-            shape[axis] = -1
-        weight = (w_int.astype(np.float32) - zero_point.astype(np.float32).reshape(shape)) * scale.reshape(shape)
-        name = f"{dq.output[0]}_float"
-        graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
-        conv.input[1] = name
-        changed.append(conv.name)
-        if len(consumers[dq.output[0]]) == 1:
-            dropped.append(dq)
-    for dq in dropped:
-        graph.node.remove(dq)
-    used = {name for node in graph.node for name in node.input}
-    unused = [init for init in graph.initializer if init.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
-    return changed
 
 
 def _as_args(example_input: Any) -> tuple:
@@ -434,7 +389,7 @@ def torch_to_onnx(model: nn.Module, path: str | Path, example_input: Any, input_
 
 def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, *, weight_dtype: str = "auto",
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                dynamic_axes: dict | None = None, opset: int = OPSET) -> Path:
+                dynamic_axes: dict | None = None, opset: int = OPSET, requantize: bool = True) -> Path:
     """Write ``qmodel`` (from ``reparq.quantize`` / ``reparq.load``) as an ONNX QDQ model.
 
     ``example_input``: one batch of inputs (a tensor, or a tuple for several inputs); the batch
@@ -442,7 +397,11 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
     ``weight_dtype``: ``"int8"`` (zero-point 0, the QDQ standard and the fastest), ``"uint8"``
     (the same integers plus 128, zero-point 128) or ``"auto"``: uint8 only for the layers that
     x86 CPUs without VNNI would otherwise compute with saturated 16-bit sums (see
-    :func:`weight_storage`). Use "int8" for CPUs with VNNI (or ARM), where nothing saturates.
+    :func:`weight_storage`; on a CPU with VNNI or AMX "auto" is int8 everywhere).
+    ``requantize``: quantize the outputs of convs that nothing requantizes (the last conv before
+    pooling) with the range recorded at calibration, so that they run as int8 kernels too; this
+    adds one 8-bit rounding the fake-quant model does not have (``False``: the graph computes
+    exactly the fake-quant values, those convs in float).
     Returns the path. Check it with :func:`reparq.deploy.ort_runner.compare`.
     """
     import onnx
@@ -475,6 +434,11 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
                      "reparq.a_bits": str(info.config.get("a_bits")), "reparq.seed": str(info.seed)})
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
+    ranges = (getattr(info, "extra", None) or {}).get("output_ranges", {}) if requantize else {}
+    requantized = requantize_unfused_convs(proto, ranges)
+    if requantized:
+        proto.metadata_props.add(key="reparq.requantized", value=",".join(requantized))
+    fold_scalar_mul_into_dequantize(proto)
     float_weights_where_unfused(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))  # written only once everything succeeded

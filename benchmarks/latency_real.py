@@ -1,0 +1,290 @@
+"""Deployed int8 speed at real sizes: ImageNet-shape timm convnets and transformers, BERT encoders.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latency_real.py``; writes
+benchmarks/results/latency_real.{md,json}. Speed does not depend on trained weights, so each
+architecture is built with random weights (seeded), merged (Rep branches, BN), and calibrated on
+a few synthetic batches (224x224 standard-normal images; for the BERT encoders 128-token
+sequences: MiniLM on real sentences, the BERT-base-shaped encoder on random token ids).
+
+Per model, in one run: ORT FP32 (the same deployed float graph), reparq's W8A8 export of the
+``minmax`` model and of the recommended recipe (``config="w8a8"``, with few iterations: the
+deployed graph does not depend on them), and ONNX Runtime's own ``quantize_static`` (QDQ,
+per-channel int8 weights, uint8 activations, MinMax calibration on the same batches, after its
+``quant_pre_process``) of the FP32 graph. Timed interleaved (every repeat runs every variant,
+rotating order), median of repeats, at batch 1 and 32 and 1 and 2 intra-op threads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import reparq  # noqa: E402
+from latency import SentenceEncoder, _kernels, _runner, write  # noqa: E402
+from reparq.deploy import ort_runner  # noqa: E402
+from reparq.deploy.onnx_export import torch_to_onnx  # noqa: E402
+from reparq.eval.latency import int8_instructions, time_interleaved  # noqa: E402
+from reparq.report.results import source_version  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TIMM_MODELS = ("repvgg_a0", "repvgg_b0", "mobileone_s0", "deit_tiny_patch16_224", "deit_small_patch16_224",
+               "swin_tiny_patch4_window7_224")
+TEXT_MODELS = ("minilm", "bert_base")
+CONVNETS = ("repvgg_a0", "repvgg_b0", "mobileone_s0")
+SEQ = 128
+COLUMNS = (("model", "model"), ("variant", "int8 graph"), ("batch", "batch"), ("threads", "threads"),
+           ("fp_ms", "FP32 ms"), ("int8_ms", "int8 ms"), ("ratio", "int8/FP32"), ("vs_ort", "vs ORT int8"),
+           ("target", "target"), ("cosine", "cos vs fake-quant"), ("agreement", "top-1 agr."),
+           ("int8_kernels", "int8 kernels"), ("float_ops", "float compute ops"), ("int8_isa", "CPU int8"))
+
+
+@dataclass
+class Case:
+    """One architecture: the float model to quantize, how to call it, and what ORT is fed."""
+
+    name: str
+    net: nn.Module
+    calib: Any  # what reparq.quantize takes
+    wrap: Callable[[nn.Module], nn.Module]  # the module exported (a sentence encoder around a BERT)
+    example: tuple
+    input_names: list[str]
+    dynamic_axes: dict | None
+    eval_inputs: dict[str, np.ndarray]  # 32 samples, also the timing batch
+    classifier: bool
+
+
+def timm_case(name: str, args) -> Case:
+    import timm
+
+    torch.manual_seed(args.seed)
+    net = timm.create_model(name, pretrained=False).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    calib = torch.randn(args.calib, 3, 224, 224, generator=gen)
+    evals = torch.randn(32, 3, 224, 224, generator=gen)
+    return Case(name, net, calib, lambda m: m, (torch.zeros(1, 3, 224, 224),), ["input"], None,
+                {"input": evals.numpy()}, classifier=True)
+
+
+def text_case(name: str, args) -> Case:
+    from transformers import BertConfig, BertModel
+
+    gen = torch.Generator().manual_seed(args.seed)
+    if name == "minilm":
+        from reparq.data.text import load_sentences
+        from reparq.zoo.minilm import load_minilm
+
+        tokenizer, bert = load_minilm()
+        sentences = load_sentences(limit=args.calib + 32)
+        enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    else:
+        torch.manual_seed(args.seed)
+        bert = BertModel(BertConfig(attn_implementation="eager"), add_pooling_layer=False).eval()
+        ids = torch.randint(1000, bert.config.vocab_size, (args.calib + 32, SEQ), generator=gen)
+        mask = torch.ones_like(ids)
+    names = ["input_ids", "attention_mask"]
+    dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+               "output": {0: "batch"}}
+    calib = {"input_ids": ids[:args.calib], "attention_mask": mask[:args.calib]}
+    evals = {"input_ids": ids[args.calib:].numpy(), "attention_mask": mask[args.calib:].numpy()}
+    return Case(f"{name} (seq {SEQ})", bert, calib, lambda m: SentenceEncoder(m).eval(),
+                (ids[:1], mask[:1]), names, dynamic, evals, classifier=False)
+
+
+def float_graph(case: Case) -> nn.Module:
+    from reparq.recipes.prepare import prepare_for_deployment
+
+    fp = copy.deepcopy(case.net).eval()
+    prepare_for_deployment(fp)
+    for module in fp.modules():  # the explicit softmax(q k^T) v path, as in the quantized model
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return case.wrap(fp)
+
+
+class _Reader:
+    """ORT's CalibrationDataReader protocol over the same calibration samples reparq saw."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def ort_quantize_static(fp_path: Path, case: Case, work: Path) -> tuple[Path, float]:
+    """ONNX Runtime's own int8 graph, made the way its documentation tells a user to."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = work / f"{fp_path.stem}_pre.onnx"
+    out = work / f"{fp_path.stem}_ort_int8.onnx"
+    t0 = time.perf_counter()
+    quant_pre_process(str(fp_path), str(pre))
+    if isinstance(case.calib, torch.Tensor):
+        feeds = [{"input": b.numpy()} for b in case.calib.split(8)]
+    else:
+        feeds = [{k: case.calib[k][i:i + 8].numpy() for k in case.input_names}
+                 for i in range(0, len(case.calib["input_ids"]), 8)]
+    quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return out, time.perf_counter() - t0
+
+
+def _outputs(session, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return session.run(None, feed)[0]
+
+
+def _check(ref: np.ndarray, got: np.ndarray, classifier: bool) -> dict:
+    """Agreement of the ORT int8 graph with the PyTorch fake-quant model on the 32 held-out samples."""
+    a, b = torch.from_numpy(ref).flatten(1), torch.from_numpy(got).flatten(1)
+    out = {"cosine": round(float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()), 5),
+           "max_diff": round(float((a - b).abs().max() / a.abs().max()), 4)}
+    if classifier:  # random weights: near-tied logits, so top-1 agreement is a weak signal here
+        out["agreement"] = round(100.0 * float((a.argmax(1) == b.argmax(1)).float().mean()), 1)
+    return out
+
+
+def model_rows(case: Case, args, work: Path) -> list[dict]:
+    tag = case.name.split(" ")[0]
+    fp_path = torch_to_onnx(float_graph(case), work / f"{tag}_fp32.onnx", case.example, case.input_names,
+                            ["output"], case.dynamic_axes)
+    variants: dict[str, dict] = {}
+    paths: dict[str, Path] = {}
+    for method, kwargs in (("minmax", {"recipe": "minmax"}), ("recommended", {"config": "w8a8", "iters": args.iters})):
+        t0 = time.perf_counter()
+        qmodel = reparq.quantize(case.net, case.calib, batch_size=8, seed=args.seed, **kwargs)
+        seconds = time.perf_counter() - t0
+        recipe = qmodel.reparq_info.recipe
+        q_enc = case.wrap(qmodel)
+        paths[method] = reparq.export_onnx(q_enc, work / f"{tag}_{method}.onnx", case.example,
+                                           input_names=case.input_names, output_names=["output"],
+                                           dynamic_axes=case.dynamic_axes)
+        with torch.no_grad():
+            args_t = [torch.from_numpy(case.eval_inputs[k]) for k in case.input_names]
+            ref = q_enc(*args_t).numpy()
+        got = _outputs(ort_runner.make_session(paths[method], threads=1), case.eval_inputs)
+        ints, floats = _kernels(ort_runner.optimized_op_counts(paths[method]))
+        variants[method] = {"variant": f"reparq {recipe}" + (" (recommended)" if method == "recommended" else ""),
+                            "recipe": recipe, "calib_seconds": round(seconds, 1), "int8_kernels": ints,
+                            "float_ops": floats, **_check(ref, got, case.classifier)}
+        print(case.name, variants[method], flush=True)
+    paths["ort"], ort_seconds = ort_quantize_static(fp_path, case, work)
+    ints, floats = _kernels(ort_runner.optimized_op_counts(paths["ort"]))
+    fp_ref = _outputs(ort_runner.make_session(fp_path, threads=1), case.eval_inputs)
+    got = _outputs(ort_runner.make_session(paths["ort"], threads=1), case.eval_inputs)
+    variants["ort"] = {"variant": "ORT quantize_static (QDQ, per-channel, MinMax)", "recipe": "ort-minmax",
+                       "calib_seconds": round(ort_seconds, 1), "int8_kernels": ints, "float_ops": floats,
+                       **{f"fp_{k}": v for k, v in _check(fp_ref, got, case.classifier).items()}}
+    target = 0.40 if tag in CONVNETS or tag in TEXT_MODELS else 0.55
+    rows = []
+    if args.quiet_flag:  # tell cooperating jobs on this shared machine that timing starts
+        args.quiet_flag.touch()
+    try:
+        _time_variants(case, args, fp_path, paths, variants, target, rows)
+    finally:
+        if args.quiet_flag:
+            args.quiet_flag.unlink(missing_ok=True)
+    return rows
+
+
+def _time_variants(case: Case, args, fp_path: Path, paths: dict, variants: dict, target: float,
+                   rows: list[dict]) -> None:
+    for threads in args.threads:
+        sessions = {"fp": ort_runner.make_session(fp_path, threads=threads)}
+        sessions.update({m: ort_runner.make_session(p, threads=threads) for m, p in paths.items()})
+        for batch in args.batches:
+            feed = {k: v[:batch] for k, v in case.eval_inputs.items()}
+            runs = {m: _runner(s, feed) for m, s in sessions.items()}
+            t0 = time.perf_counter()
+            runs["fp"]()
+            single = time.perf_counter() - t0
+            inner = max(1, min(20, int(0.2 / max(single, 1e-4))))
+            repeats = args.repeats if batch == 1 else args.big_repeats
+            ms = time_interleaved(runs, repeats, inner, warmup=1)
+            for method, info in variants.items():
+                rows.append({"model": case.name, "method": info["recipe"], "w_bits": 8, "a_bits": 8,
+                             "seed": args.seed, **info, "batch": batch, "threads": threads,
+                             "fp_ms": round(ms["fp"], 2), "int8_ms": round(ms[method], 2),
+                             "ratio": round(ms[method] / ms["fp"], 3),
+                             "vs_ort": round(ms[method] / ms["ort"], 3), "repeats": repeats, "inner": inner,
+                             "target": f"<={target:.2f}" if batch == 32 and method != "ort" else "",
+                             "int8_isa": int8_instructions()})
+                print({k: rows[-1][k] for k in ("model", "variant", "batch", "threads", "fp_ms", "int8_ms",
+                                                  "ratio", "vs_ort")}, flush=True)
+
+
+NOTES = """\
+Random weights (seed {seed}), merged and BN-folded; calibration: {calib} synthetic samples (224x224
+standard-normal images; 128-token sequences, MiniLM on real sentences, BERT-base on random ids). ORT
+CPU execution provider, all graph optimizations, OMP_NUM_THREADS=1, `threads` = intra_op_num_threads,
+on a shared 2-core machine: absolute times are noise, ratios of variants timed in the same run
+(interleaved, median of {repeats} repeats at batch 1, {big} at batch 32) are what to read. FP32 = the
+same deployed graph exported in float (timm attention on its explicit path, as in the quantized model).
+`int8/FP32` = int8_ms / fp_ms; `vs ORT int8` = int8_ms / (ORT quantize_static's graph's ms) in the same
+run (target <=1.05). `reparq ... (recommended)`: `config="w8a8"` (the family-free preset) with
+`iters={iters}`: its exported graph has the same operators as minmax's. `cos vs fake-quant`: mean cosine
+of ORT int8 outputs and the PyTorch fake-quant model's on 32 held-out samples (for ORT's graph: vs FP32);
+`top-1 agr.` on those (random weights: near-tied logits, a weak signal; the trained zoo models'
+agreement is in latency.md). `int8 kernels`/`float compute ops`: the optimized ORT graph's operators.
+`CPU int8`: the best int8 dot-product instructions this CPU has (read from /proc/cpuinfo)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=[*TIMM_MODELS, *TEXT_MODELS])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
+    parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7, help="repeats at batch 1")
+    parser.add_argument("--big-repeats", type=int, default=5, help="repeats at batch 32 (seconds per call)")
+    parser.add_argument("--calib", type=int, default=32, help="synthetic calibration samples")
+    parser.add_argument("--iters", type=int, default=2, help="reconstruction iterations of the recommended recipe")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quiet-flag", type=Path, default=None,
+                        help="a file that exists only while timing, for jobs sharing the machine to wait on")
+    args = parser.parse_args(argv)
+    unknown = set(args.models) - {*TIMM_MODELS, *TEXT_MODELS}
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {[*TIMM_MODELS, *TEXT_MODELS]}")
+    torch.set_num_threads(1)
+    given = sys.argv[1:] if argv is None else argv
+    command = ("OMP_NUM_THREADS=1 python benchmarks/latency_real.py " + " ".join(given)).strip()
+    previous = args.out / "latency_real.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {"rows": [], "command": ""}
+    code = source_version()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            case = text_case(name, args) if name in TEXT_MODELS else timm_case(name, args)
+            rows += [{**r, "code": code} for r in model_rows(case, args, Path(tmp))]
+            done = {r["model"] for r in rows}  # models measured now replace their old rows
+            kept = [r for r in old["rows"] if r["model"] not in done]
+            order = [*TIMM_MODELS, *TEXT_MODELS]
+            merged = sorted(kept + rows, key=lambda r: (order.index(r["model"].split(" ")[0]), r["threads"],
+                                                        r["batch"]))
+            history = "; ".join(c for c in dict.fromkeys([*old["command"].split("; "), command]) if c)
+            write(args.out, history, merged, NOTES.format(seed=args.seed, calib=args.calib, repeats=args.repeats,
+                                                          big=args.big_repeats, iters=args.iters),
+                  name="latency_real", columns=COLUMNS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
