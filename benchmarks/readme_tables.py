@@ -139,6 +139,31 @@ def latency_table() -> str:
     return "\n".join(lines)
 
 
+def latency_real_table() -> str:
+    """Batch 32, both thread counts: reparq's two exports and ORT's own int8 graph against ORT FP32."""
+    rows = _rows("latency_real")
+    if rows is None:
+        return NOT_MEASURED
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["batch"] == 32:
+            kind = "ort" if r["method"] == "ort-minmax" else "minmax" if r["method"] == "minmax" else "recommended"
+            cells.setdefault((r["model"], r["threads"]), {})[kind] = r
+    lines = ["| model | threads | reparq `minmax` int8/FP32 | reparq recommended | ORT `quantize_static` | "
+             "reparq / ORT int8 time | target | int8 kernels (reparq) | float ops | CPU int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, threads), by in cells.items():
+        mm, rec, ort = by.get("minmax"), by.get("recommended"), by.get("ort")
+        ratio = lambda r: "-" if r is None else f"{r['ratio']:.2f}"  # noqa: E731
+        rec_cell = "-" if rec is None else f"{rec['ratio']:.2f} (`{rec['recipe']}`)"
+        vs_ort = "-" if mm is None else f"{mm['vs_ort']:.2f}"
+        lines.append(f"| {model} | {threads} | {ratio(mm)} | {rec_cell} | {ratio(ort)} | "
+                     f"{vs_ort} | {(mm or {}).get('target', '-')} | "
+                     f"{(mm or {}).get('int8_kernels', '-')} | {(mm or {}).get('float_ops', '-')} | "
+                     f"{(mm or {}).get('int8_isa', '-')} |")
+    return "\n".join(lines)
+
+
 def scale_table() -> str:
     rows = _rows("scale")
     if rows is None:
@@ -162,6 +187,7 @@ TABLES = {
                                                lambda c: f"{c[0]} W{c[1]}A{c[2]}", lambda c: (-c[1], c[0])),
     "real": real_table,
     "latency": latency_table,
+    "latency_real": latency_real_table,
     "scale": scale_table,
 }
 
