@@ -4,9 +4,11 @@ the resumable loop (benchmarks/resumable.py) that five benchmarks fill their fil
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from reparq.report.results import load_per_item, row_key, source_version
 
@@ -96,3 +98,43 @@ def test_gpu_rows_sent_back_are_written_with_their_machine(tmp_path, monkeypatch
     assert payload["command"].startswith("python benchmarks/scale.py --parts gpu --code abc; python benchmarks/")
     assert [r["device"] for r in payload["rows"]] == ["cpu", "cuda"] and {r["code"] for r in payload["rows"]} == {"abc"}
     assert "cut short after 2 of its 4 rows" in (tmp_path / "scale_gpu.md").read_text()
+
+
+def _latency_real():
+    sys.path.insert(0, str(BENCHMARKS))
+    import latency_real
+
+    return latency_real
+
+
+def test_random_convnets_get_batchnorm_statistics_of_the_data():
+    """timm's random init keeps running variance 1, so summed Rep branches grow without bound; the
+    benchmark measures BN statistics on its batches so every BN output is near unit scale."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Conv2d(4, 4, 3, padding=1),
+                                                                torch.nn.BatchNorm2d(4))]).eval()
+    for conv in net[::2]:
+        conv.weight.data *= 4.0  # each conv triples the scale: unnormalized, the output explodes
+    images = torch.randn(16, 4, 8, 8)
+    with torch.no_grad():
+        before = net(images).std()
+        _latency_real().set_batchnorm_statistics(net, images)
+        after = net(images).std()
+    assert before > 100 and 0.5 < after < 2.0
+    assert not net.training
+
+
+def test_minilm_windows_are_packed_without_padding():
+    class Tok:
+        cls_token_id, sep_token_id = 101, 102
+
+        def encode(self, s, add_special_tokens=False):
+            return [len(w) + 1000 for w in s.split()]
+
+    lr = _latency_real()
+    ids = lr.packed_windows(Tok(), ["a bb ccc dddd"] * 200, count=3)
+    assert ids.shape == (3, lr.SEQ)
+    assert (ids[:, 0] == 101).all() and (ids[:, 1:] != 0).all()
+    assert (ids[0, 1:6] == torch.tensor([1001, 1002, 1003, 1004, 102])).all()  # sentences end to end
+    with pytest.raises(SystemExit, match="packed windows"):
+        lr.packed_windows(Tok(), ["a bb"] * 60, count=3)  # one window only
