@@ -1,0 +1,298 @@
+"""reparq vs the PTQ tools a user already has (NNCF, ONNX Runtime, Intel Neural Compressor), W8A8.
+
+Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/peers.py`` (``--models``, ``--methods`` to
+run it in pieces); writes benchmarks/results/peers.{md,json} and the per-image hits to
+``results/per_item/peers.json`` for ``paired_significance.py --sources peers``.
+
+Per zoo model, in one process: reparq's recommended family-free preset (``config="w8a8"``:
+``repapq`` on the Rep CNNs, ``repquant`` on the ViTs) and every peer (:mod:`reparq.eval.peers`)
+get the same calibration tensors (the zoo benchmarks' seeded subset of 1024 training images, in
+batches of 32), and every result is scored by the same evaluator (top-1 of the first output on
+the 10k test split, per image kept). The peers get the float model in its deployed form (Rep
+branches merged, BatchNorm folded: what a RepVGG/MobileOne user deploys; reparq merges itself).
+NNCF and INC results are scored in PyTorch; the ORT peers in ONNX Runtime (CPU provider, all
+graph optimizations), where their speed is also timed against the FP32 graph and reparq's own QDQ
+export with the harness of the latency benchmarks (:func:`reparq.eval.latency.time_interleaved`).
+
+Resumable like the other grid benchmarks: rows already in the file (same model, method, bits,
+seed and FP top-1) are not re-measured; ``--rerun`` measures them again. A peer that is not
+installed or fails on a model is recorded under "Skipped / failed" in the md (and ``skipped`` in
+the json), never as a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+from reparq.eval import peers
+from reparq.eval.significance import encode_hits
+from resumable import CALIB_SIZE, ResumableResults
+
+RESULTS = Path(__file__).parent / "results"
+ZOO = ("repvgg_fm", "mobileone_fm", "repvgg_deep_fm", "deit_fm", "swin_fm")
+REPARQ = "reparq"  # --methods name of reparq's own row; its method column is the recipe the preset picked
+ORDER = ("repapq", "repquant", "nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy",
+         "inc-default")
+EXTRA = ("tool", "runtime", "calib_samples", "quant_ort", "fp_ms", "int8_ms", "ratio", "settings")
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["method"], r["w_bits"], r["a_bits"], r["seed"])
+
+
+def _order(r: dict) -> tuple:
+    m = ZOO.index(r["model"]) if r["model"] in ZOO else len(ZOO)
+    return (m, ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER), r["seed"])
+
+
+@torch.no_grad()
+def hits_of(predict, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The common evaluator: per test image, whether the argmax of ``predict``'s output is the label."""
+    return torch.cat([predict(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+def deployed_float(model: torch.nn.Module) -> torch.nn.Module:
+    """The float model the peers get: merged and BN-folded, explicit attention (as latency.py exports it)."""
+    import copy
+
+    from reparq.recipes.prepare import prepare_for_deployment
+
+    fp = copy.deepcopy(model).eval()
+    prepare_for_deployment(fp)
+    for module in fp.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return fp
+
+
+def calib_ratio_section(rows: list[dict]) -> str:
+    """Per model: reparq's calibration time over each peer's, from rows measured in the same run."""
+    samples = sorted({r["calib_samples"] for r in rows})
+    lines = [f"## Calibration time: reparq / peer (same run, same {'/'.join(map(str, samples))} images)", "",
+             "| model | reparq recipe | reparq s | peer | peer s | reparq / peer |", "|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours = next((r for r in rows if r["model"] == model and r["tool"] == "reparq"), None)
+        if ours is None:
+            continue
+        for r in rows:
+            if r["model"] == model and r["tool"] != "reparq" and r.get("run") == ours.get("run"):
+                lines.append(f"| {model} | {ours['method']} | {ours['calib_seconds']:.1f} | {r['method']} | "
+                             f"{r['calib_seconds']:.1f} | {ours['calib_seconds'] / max(r['calib_seconds'], 1e-9):.1f} |")
+    return "\n".join(lines)
+
+
+def summary_section(rows: list[dict]) -> str:
+    """Δ top-1 per model (columns: methods), and which method is best in each row."""
+    methods = [m for m in ORDER if any(r["method"] == m for r in rows)]
+    cols = ["reparq"] + [m for m in methods if m not in ("repapq", "repquant")]
+    lines = ["## W8A8 drop vs FP (top-1 points)", "", "| model | FP | " + " | ".join(cols) + " | best |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {("reparq" if r["tool"] == "reparq" else r["method"]): r for r in rows if r["model"] == model}
+        fp = next(iter(mine.values()))["fp"]
+        cells = [f"{mine[c]['delta']:+.2f}" + (f" ({mine[c]['method']})" if c == "reparq" else "")
+                 if c in mine else "-" for c in cols]
+        best = max(mine.values(), key=lambda r: r["delta"])
+        lines.append(f"| {model} | {fp:.2f} | " + " | ".join(cells) + f" | {best['method']} |")
+    return "\n".join(lines)
+
+
+NOTES = """\
+Top-1 (%) on the Fashion-MNIST test split (10k), W8A8, seed 0. Every tool got the same calibration
+tensors: `calib_samples` seeded training images (the zoo benchmarks' subset), in batches of 32; the
+harness checks that each tool pulled exactly those batches. reparq: the recommended family-free preset
+`config="w8a8"` (rep-w8a8 -> `repapq`, vit-w8a8 -> `repquant`, 300 iterations), on the zoo model
+(it merges the Rep branches itself). Peers: the deployed float model (Rep branches merged, BN folded),
+run as their docs tell a user, defaults unless said (`settings`): NNCF `nncf.quantize` on the PyTorch
+model (`subset_size` = all batches; `model_type=ModelType.TRANSFORMER` on deit_fm and swin_fm, which
+in NNCF 3.4 turns on SmoothQuant by default on the torch backend, `matmul` alpha 0.95, so `nncf` there
+*is* NNCF with SmoothQuant, and `nncf-no-smoothquant` is the same call with it switched off); ONNX Runtime
+`quant_pre_process` + `quantize_static` of the float ONNX export, QDQ, per-channel s8 weights, u8
+activations, MinMax / Percentile / Entropy calibration, scored in ORT; Intel Neural Compressor
+(neural-compressor-pt 3.x) PT2E static quantization (`export`, `prepare` with
+`get_default_static_config()`, calibration passes, `convert`), scored in PyTorch. `runtime`: where
+the quantized model was scored. `calib_seconds` / `peak_mem_mb`: wall time and peak RSS of each
+tool's whole quantization call (for ORT including `quant_pre_process`, not the float export) on a
+shared 2-core machine, OMP_NUM_THREADS=2. `fp_ms` / `int8_ms` / `ratio`: ORT CPU, one intra-op
+thread, batch 64, interleaved median of repeats (the latency benchmarks' harness), for the ORT
+peers' graphs and reparq's `export_onnx` of its model, timed together against the same FP32 graph;
+`quant_ort`: top-1 of that reparq export run in ORT (reparq's `quant` is its PyTorch model's, as in
+every other benchmark here).
+
+Below 8 bits: reparq runs W6A6/W4A8/W4A4 (ptq_baselines.md). ONNX Runtime's `QuantType` has 8- and
+16-bit types and 4-bit (`QInt4`/`QUInt4`) weights only for MatMul weights, no 4-bit activations;
+NNCF's int4 is weight-only compression (`nncf.compress_weights`), not static W4A4; INC's 4-bit paths
+(RTN, GPTQ, AWQ, ...) are weight-only for LLMs. So no peer row below W8A8 here."""
+
+
+class PeersRun:
+    """One run over the zoo models: each method's row, the ORT timing, and what was skipped."""
+
+    def __init__(self, args, command: str) -> None:
+        from reparq.data import calibration_subset, load_fashion_mnist
+
+        self.args = args
+        self.results = ResumableResults(args.out, args.name, command, _key, _order, NOTES, stale=self._stale,
+                                        rerun=args.rerun, extra_columns=EXTRA, sections=self._sections)
+        self.test_x, self.test_y = load_fashion_mnist("test")
+        self.calib = calibration_subset(args.calib_size, seed=args.seed)
+        self.fps: dict[str, float] = {}
+        self.skipped_path = args.out / f"{args.name}_skipped.json"
+        self.skipped: dict[str, str] = (json.loads(self.skipped_path.read_text())
+                                        if self.skipped_path.exists() else {})
+        # Rows measured by one process share a run id: only those give a calibration-time ratio.
+        self.run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M}Z-{os.getpid()}"
+
+    def _stale(self, row: dict) -> bool:
+        return self.fps.get(row["model"], row["fp"]) != row["fp"]
+
+    def skip(self, label: str, reason: str) -> None:
+        """Record why a tool gave no row for a model (kept across runs until that row is measured)."""
+        self.skipped[label] = reason
+        self.skip_save()
+        print(f"skipped {label}: {reason}", flush=True)
+
+    def skip_save(self) -> None:
+        self.skipped_path.parent.mkdir(parents=True, exist_ok=True)
+        self.skipped_path.write_text(json.dumps(self.skipped, indent=1, sort_keys=True) + "\n")
+
+    def _sections(self, rows: list[dict]) -> str:
+        skipped = ["## Skipped / failed (not counted)", ""]
+        skipped += [f"- {k}: {v}" for k, v in self.skipped.items()] or ["- none in this run"]
+        return "\n\n".join([summary_section(rows), calib_ratio_section(rows), "\n".join(skipped)])
+
+    def feed(self) -> peers.CalibrationFeed:
+        return peers.CalibrationFeed.from_tensor(self.calib, batch_size=32)
+
+    def row(self, name: str, made: peers.PeerModel, tool: str, feed: peers.CalibrationFeed) -> dict:
+        if feed.consumed_set() != set(feed.fingerprints()):
+            raise RuntimeError(f"{made.method} did not consume exactly the calibration batches")
+        hits = hits_of(made.predict, self.test_x, self.test_y)
+        acc = 100.0 * int(hits.sum()) / hits.numel()
+        fp = self.fps[name]
+        row = {"model": name, "method": made.method, "w_bits": 8, "a_bits": 8, "metric": "top1", "fp": fp,
+               "quant": round(acc, 2), "delta": round(acc - fp, 2), "calib_seconds": made.calib_seconds,
+               "peak_mem_mb": made.peak_mem_mb, "seed": self.args.seed, "tool": tool, "runtime": made.runtime,
+               "calib_samples": feed.samples, "settings": ", ".join(f"{k}={v}" for k, v in made.settings.items()),
+               "run": self.run_id}
+        self.results.add(row, {"images": int(hits.numel()), "hits": encode_hits(hits)})
+        self.results.save()
+        return row
+
+    def model(self, name: str) -> None:
+        from reparq.eval.accuracy import top1
+        from reparq.zoo import load_model
+
+        net = load_model(name).eval()
+        self.fps[name] = round(top1(net, self.test_x, self.test_y), 2)
+        fp_model = deployed_float(net)
+        transformer = name in ("deit_fm", "swin_fm")
+        made: dict[str, tuple[peers.PeerModel, dict]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            fp_onnx = None
+            for method in self.args.methods:
+                label = f"{name} {method}"
+                if method == "nncf-no-smoothquant" and not transformer:
+                    continue  # NNCF's SmoothQuant runs only with ModelType.TRANSFORMER
+                probe = self._probe_method(name, method)
+                if probe is not None and self.results.done(probe):
+                    continue
+                feed = self.feed()
+                try:
+                    if method == REPARQ:
+                        got = peers.quantize_reparq(net, feed, config="w8a8", seed=self.args.seed)
+                        tool = "reparq"
+                    else:
+                        if method.startswith("ort-") and fp_onnx is None:
+                            peers.require("onnxruntime")
+                            fp_onnx = peers.export_float_onnx(fp_model, work / f"{name}_fp32.onnx",
+                                                              (self.calib[:1],), peers.OnnxSpec())
+                        got = peers.run_peer(method, fp_model, feed, work, transformer=transformer, fp_onnx=fp_onnx)
+                        tool = peers.METHOD_TOOL[method]
+                    made[method] = (got, self.row(name, got, tool, feed))
+                    if label in self.skipped:
+                        del self.skipped[label]
+                        self.skip_save()
+                except peers.PeerUnavailable as exc:
+                    self.skip(label, f"not installed: {exc}")
+                except Exception as exc:  # noqa: BLE001 - a peer failing on a model is a result, recorded
+                    traceback.print_exc()
+                    self.skip(label, f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+                self.results.save()
+            if fp_onnx is not None:
+                self.time_ort(name, fp_onnx, made, work)
+        self.results.save()
+
+    def _probe_method(self, name: str, method: str) -> tuple | None:
+        """The key a method's row has (reparq's: the preset's recipe), to skip rows already measured."""
+        if method != REPARQ:
+            return (name, method, 8, 8, self.args.seed)
+        from reparq.runconfig import quantize_arguments
+        from reparq.zoo import load_model
+
+        recipe = quantize_arguments("w8a8", load_model(name), dict(recipe=None, w_bits=None, a_bits=None, seed=None,
+                                                                   batch_size=None, options={}))["recipe"]
+        return (name, recipe, 8, 8, self.args.seed)
+
+    def time_ort(self, name: str, fp_onnx: Path, made: dict, work: Path) -> None:
+        """ORT speed of the peers' graphs and reparq's export, timed together against the FP32 graph."""
+        import reparq
+        from reparq.deploy import ort_runner
+        from reparq.eval.latency import time_interleaved
+
+        sessions = {m: got for m, (got, _) in made.items() if got.session is not None}
+        if not sessions:
+            return
+        runs_of = {"fp": ort_runner.make_session(fp_onnx, threads=1)}
+        runs_of.update({m: got.session for m, got in sessions.items()})
+        if REPARQ in made:
+            got, _ = made[REPARQ]
+            path = reparq.export_onnx(got.qmodel, work / f"{name}_reparq.onnx", self.calib[:1])
+            runs_of[REPARQ] = ort_runner.make_session(path, threads=1)
+            # reparq's row is scored in PyTorch (as in every other benchmark); its ORT export's top-1 beside it
+            _, predict = peers.ort_session_predict(path, ["input"])
+            hits = hits_of(predict, self.test_x, self.test_y)
+            made[REPARQ][1]["quant_ort"] = round(100.0 * int(hits.sum()) / hits.numel(), 2)
+        feed = {"input": self.test_x[:64].numpy()}
+        ms = time_interleaved({m: (lambda s=s: s.run(None, feed)) for m, s in runs_of.items()}, self.args.repeats)
+        for method, (_, row) in made.items():
+            if method in runs_of:
+                row.update(fp_ms=round(ms["fp"], 2), int8_ms=round(ms[method], 2),
+                           ratio=round(ms[method] / ms["fp"], 3), timing="ORT CPU, 1 thread, batch 64")
+                self.results.add(row)
+        print({m: round(v, 2) for m, v in ms.items()}, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(ZOO))
+    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS],
+                        help=f"{REPARQ} (the w8a8 preset) and peer methods: {', '.join(peers.PEER_METHODS)}")
+    parser.add_argument("--calib-size", type=int, default=CALIB_SIZE)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=9, help="ORT timing repeats (batch 64)")
+    parser.add_argument("--name", default="peers")
+    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    run = PeersRun(args, ("python benchmarks/peers.py " + " ".join(given)).strip())
+    for name in args.models:
+        run.model(name)
+    run.results.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
