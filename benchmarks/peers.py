@@ -35,6 +35,7 @@ import torch
 
 from reparq.eval import peers
 from reparq.eval.significance import encode_hits
+from reparq.report.results import results_on_disk
 from resumable import CALIB_SIZE, ResumableResults
 
 RESULTS = Path(__file__).parent / "results"
@@ -143,13 +144,13 @@ class PeersRun:
 
         self.args = args
         self.results = ResumableResults(args.out, args.name, command, _key, _order, NOTES, stale=self._stale,
-                                        rerun=args.rerun, extra_columns=EXTRA, sections=self._sections)
+                                        rerun=args.rerun, extra_columns=EXTRA, sections=self._sections,
+                                        after_save=self._write_skipped)
         self.test_x, self.test_y = load_fashion_mnist("test")
         self.calib = calibration_subset(args.calib_size, seed=args.seed)
         self.fps: dict[str, float] = {}
-        self.skipped_path = args.out / f"{args.name}_skipped.json"
-        self.skipped: dict[str, str] = (json.loads(self.skipped_path.read_text())
-                                        if self.skipped_path.exists() else {})
+        # What gave no row, and why: kept in the results file (key "skipped") across runs until measured.
+        self.skipped: dict[str, str] = dict(results_on_disk(self.results.path).get("skipped", {}))
         # Rows measured by one process share a run id: only those give a calibration-time ratio.
         self.run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M}Z-{os.getpid()}"
 
@@ -163,12 +164,17 @@ class PeersRun:
         print(f"skipped {label}: {reason}", flush=True)
 
     def skip_save(self) -> None:
-        self.skipped_path.parent.mkdir(parents=True, exist_ok=True)
-        self.skipped_path.write_text(json.dumps(self.skipped, indent=1, sort_keys=True) + "\n")
+        self.results.save()
+
+    def _write_skipped(self, rows: list[dict]) -> None:
+        """``after_save``: the skipped tools into the json beside the rows (the md has them as a section)."""
+        payload = results_on_disk(self.results.path)
+        payload["skipped"] = dict(sorted(self.skipped.items()))
+        self.results.path.write_text(json.dumps(payload, indent=1) + "\n")
 
     def _sections(self, rows: list[dict]) -> str:
         skipped = ["## Skipped / failed (not counted)", ""]
-        skipped += [f"- {k}: {v}" for k, v in self.skipped.items()] or ["- none in this run"]
+        skipped += [f"- {k}: {v}" for k, v in self.skipped.items()] or ["- none"]
         return "\n\n".join([summary_section(rows), calib_ratio_section(rows), "\n".join(skipped)])
 
     def feed(self) -> peers.CalibrationFeed:
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
-    run = PeersRun(args, ("python benchmarks/peers.py " + " ".join(given)).strip())
+    run = PeersRun(args, ("python benchmarks/peers.py " + " ".join(given)).strip())  # OMP_NUM_THREADS: in NOTES
     for name in args.models:
         run.model(name)
     run.results.save()
