@@ -5,6 +5,7 @@ evaluation of a peer's graph and of reparq's export agree on a known tiny model.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -162,3 +163,29 @@ def test_ort_evaluation_of_a_peer_graph_and_of_reparq_export_agree(tmp_path):
     # reparq's ORT export and its PyTorch fake-quant model: the evaluator sees the same predictions
     assert float((b - ours.predict(x)).abs().max()) < 0.05 * span
     assert not np.allclose(a.numpy(), ref.numpy(), atol=1e-6)  # really quantized, not the float graph
+
+
+def test_paired_significance_takes_the_peers_rows_as_rivals_of_reparq(tmp_path):
+    """``paired_significance.py --sources peers``: each peer's row against reparq's preset row, item by item."""
+    from reparq.eval.significance import encode_hits
+    from reparq.report.results import row_key
+
+    spec = importlib.util.spec_from_file_location("paired_significance", BENCHMARKS / "paired_significance.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    assert "peers" in paired.SOURCES
+    rows, items = [], {}
+    hits = {"repapq": [1, 1, 1, 0, 1, 1], "ort-minmax": [1, 0, 0, 0, 1, 1], "nncf": [1, 1, 1, 1, 1, 1]}
+    for method, h in hits.items():
+        row = {"model": "m", "method": method, "w_bits": 8, "a_bits": 8, "metric": "top1", "fp": 90.0,
+               "quant": 100 * sum(h) / 6, "delta": 100 * sum(h) / 6 - 90.0, "calib_seconds": 1.0,
+               "peak_mem_mb": 1.0, "seed": 0}
+        rows.append(row)
+        items[row_key(row)] = {"code": "abc", "images": 6, "hits": encode_hits(torch.tensor(h, dtype=torch.bool))}
+    assert paired.reference_for(rows, "m") == "repapq"
+    assert paired.rivals_in(rows, "m", "peers") == ["ort-minmax", "nncf"]
+    score = paired.SOURCES["peers"][1]
+    ort = paired.compare(rows, items, score, "m", (8, 8), "ort-minmax", "top1", reference="repapq")
+    assert (ort["rival_ahead"], ort["ref_ahead"]) == (0, 2)
+    nncf = paired.compare(rows, items, score, "m", (8, 8), "nncf", "top1", reference="repapq")
+    assert (nncf["rival_ahead"], nncf["ref_ahead"]) == (1, 0) and nncf["rival_lead"] > 0
