@@ -279,11 +279,13 @@ TRANSFORMER_ONLY = ("nncf-no-smoothquant",)
 
 
 def run_peer(method: str, model: nn.Module, feed: CalibrationFeed, work: Path, *, transformer: bool = False,
-             spec: OnnxSpec | None = None, fp_onnx: Path | None = None, threads: int = 1) -> PeerModel:
+             spec: OnnxSpec | None = None, fp_onnx: Path | None = None, threads: int = 1,
+             dynamic_dims: Sequence[dict] | None = None) -> PeerModel:
     """Quantize ``model`` with the peer ``method`` (:data:`PEER_METHODS`) on ``feed``'s batches.
 
     ``fp_onnx``: the float ONNX export for the ORT methods (exported here when not given, so
-    several ORT methods can share one export)."""
+    several ORT methods can share one export). ``dynamic_dims``: INC's ``torch.export`` dynamic
+    dimensions per input (default: the batch axis of each)."""
     if method not in METHOD_TOOL:
         raise ReparqError(f"unknown peer method {method!r}; choose from {', '.join(PEER_METHODS)}")
     spec = spec or OnnxSpec()
@@ -294,15 +296,18 @@ def run_peer(method: str, model: nn.Module, feed: CalibrationFeed, work: Path, *
         if fp_onnx is None:
             fp_onnx = export_float_onnx(model, work / "float.onnx", feed.batches[0], spec)
         return quantize_ort(fp_onnx, feed, method, work, spec, threads)
-    return quantize_inc(model, feed)
+    return quantize_inc(model, feed, dynamic_dims=dynamic_dims)
 
 
 def quantize_reparq(model: nn.Module, feed: CalibrationFeed, config: str = "w8a8", seed: int = 0,
-                    **options) -> PeerModel:
-    """reparq's own row on the same feed: ``reparq.quantize(model, batches, config=...)``."""
+                    input_names: Sequence[str] | None = None, **options) -> PeerModel:
+    """reparq's own row on the same feed: ``reparq.quantize(model, batches, config=...)``.
+
+    ``input_names``: for a model with keyword inputs (a Hugging Face BERT), the names of the
+    feed's tensors, so each batch goes in as ``model(**dict(zip(input_names, batch)))``."""
     from reparq.api import quantize
 
-    batches = [b[0] if len(b) == 1 else b for b in feed]
+    batches = [dict(zip(input_names, b)) if input_names else b[0] if len(b) == 1 else b for b in feed]
     qmodel, cost = _timed(lambda: quantize(model, batches, config=config, seed=seed, **options))
     recipe = qmodel.reparq_info.recipe
     peer = PeerModel(recipe, "torch", torch_predict(qmodel), cost.seconds, {"config": config, **options},
