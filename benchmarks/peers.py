@@ -207,7 +207,8 @@ class MiniLMPeerTask:
         self.example = tuple(t[:2] for t in self.calib[0])
         first = self.task.eval_batches[0]
         self.timing_feed = {"input_ids": first["input_ids"].numpy(), "attention_mask": first["attention_mask"].numpy()}
-        self.inc_dims = [{0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")} for _ in range(2)]
+        # BERT has 512 positions: torch.export needs that bound on the token axis (its own error says so)
+        self.inc_dims = [{0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=512)} for _ in range(2)]
 
     def feed(self) -> peers.CalibrationFeed:
         return peers.CalibrationFeed(list(self.calib))
