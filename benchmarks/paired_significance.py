@@ -65,7 +65,7 @@ SOURCES = {
     "repquant_ablation": ("top1", _hits_score),
     "repapq_ablation": ("top1", _hits_score),
     # The peer tools (benchmarks/peers.py): each peer's row against reparq's recommended preset's.
-    "peers": ("top1", _hits_score),
+    "peers": (None, lambda e: _hits_score(e) if "hits" in e else torch.tensor(e["cosine"], dtype=torch.float64)),
 }
 # The baseline comparison: what runs without --sources.
 DEFAULT_SOURCES = ("ptq_baselines", "transformers_real")
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows, items = json.loads(path.read_text())["rows"], load_per_item(args.results, source)
         for model in args.models:
-            model_metric = metric or TEXT_METRIC.get(model)
+            model_metric = metric or TEXT_METRIC.get(model, "top1")  # a source of zoo and text rows (peers)
             reference = reference_for(rows, model)
             cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
                             and r["method"] == reference}, reverse=True)

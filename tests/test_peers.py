@@ -174,6 +174,8 @@ def test_paired_significance_takes_the_peers_rows_as_rivals_of_reparq(tmp_path):
     paired = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paired)
     assert "peers" in paired.SOURCES
+    cos = paired.SOURCES["peers"][1]({"cosine": [0.5, 1.0]})
+    assert cos.tolist() == [0.5, 1.0]  # MiniLM rows: per-sentence cosine
     rows, items = [], {}
     hits = {"repapq": [1, 1, 1, 0, 1, 1], "ort-minmax": [1, 0, 0, 0, 1, 1], "nncf": [1, 1, 1, 1, 1, 1]}
     for method, h in hits.items():
