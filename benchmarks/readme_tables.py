@@ -210,9 +210,10 @@ def peers_table() -> str:
                         and test["p_sign"] < 0.05 else " (**peer ahead**, p={:.2g})".format(test["p_sign"])
                         if test["rival_ahead"] > test["ref_ahead"] and test["p_sign"] < 0.05
                         else " (n.s., p={:.2g})".format(test["p_sign"]))
-            cells.append(f"{r['delta']:+.2f}{mark}")
+            cells.append((f"{r['delta']:+.4f}" if r["metric"] == "cosine" else f"{r['delta']:+.2f}") + mark)
         peer_s = [by[m]["calib_seconds"] for m in peers if m in by]
-        lines.append(f"| {model} | {ours['fp']:.2f} | {ours['delta']:+.2f} (`{ours['method']}`) | " + " | ".join(cells)
+        ours_delta = f"{ours['delta']:+.4f}" if ours["metric"] == "cosine" else f"{ours['delta']:+.2f}"
+        lines.append(f"| {model} | {ours['fp']:.2f} | {ours_delta} (`{ours['method']}`) | " + " | ".join(cells)
                      + f" | {ours['calib_seconds']:.0f} | {min(peer_s):.1f}-{max(peer_s):.1f} |")
     speed = [r for r in rows if r.get("ratio") is not None]
     if speed:
