@@ -80,7 +80,8 @@ def deployed_float(model: torch.nn.Module) -> torch.nn.Module:
 def calib_ratio_section(rows: list[dict]) -> str:
     """Per model: reparq's calibration time over each peer's, from rows measured in the same run."""
     samples = sorted({r["calib_samples"] for r in rows})
-    lines = [f"## Calibration time: reparq / peer (same run, same {'/'.join(map(str, samples))} images)", "",
+    lines = [f"## Calibration time: reparq / peer (same run, same {'/'.join(map(str, samples))} samples: "
+             "zoo images, MiniLM windows)", "",
              "| model | reparq recipe | reparq s | peer | peer s | reparq / peer |", "|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         ours = next((r for r in rows if r["model"] == model and r["tool"] == "reparq"), None)
@@ -102,7 +103,9 @@ def summary_section(rows: list[dict]) -> str:
     """Δ per model (columns: methods), and which method is best in each row."""
     methods = [m for m in ORDER if any(r["method"] == m for r in rows)]
     cols = ["reparq"] + [m for m in methods if m not in ("repapq", "repquant")]
-    lines = ["## W8A8 drop vs FP (top-1 points; minilm: mean cosine to FP − 1)", "", "| model | FP | " + " | ".join(cols) + " | best |",
+    lines = ["## W8A8 drop vs FP (top-1 points; minilm: mean cosine to FP − 1)", "",
+             "Means of one seed; whether a gap is more than the test set's noise: peers_paired.md.", "",
+             "| model | FP | " + " | ".join(cols) + " | best mean |",
              "|---|---|" + "---|" * (len(cols) + 1)]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = {("reparq" if r["tool"] == "reparq" else r["method"]): r for r in rows if r["model"] == model}
