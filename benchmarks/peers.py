@@ -14,6 +14,10 @@ NNCF and INC results are scored in PyTorch; the ORT peers in ONNX Runtime (CPU p
 graph optimizations), where their speed is also timed against the FP32 graph and reparq's own QDQ
 export with the harness of the latency benchmarks (:func:`reparq.eval.latency.time_interleaved`).
 
+MiniLM (``--models minilm``) the way ``transformers_real.py`` scores it: the same packed calibration
+windows for every tool, per-sentence cosine of the sentence embedding to the float model's (per
+sentence kept for the paired test) and nearest-neighbour agreement. llama_fm is not measured here.
+
 Resumable like the other grid benchmarks: rows already in the file (same model, method, bits,
 seed and FP top-1) are not re-measured; ``--rerun`` measures them again. A peer that is not
 installed or fails on a model is recorded under "Skipped / failed" in the md (and ``skipped`` in

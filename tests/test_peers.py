@@ -191,3 +191,27 @@ def test_paired_significance_takes_the_peers_rows_as_rivals_of_reparq(tmp_path):
     assert (ort["rival_ahead"], ort["ref_ahead"]) == (0, 2)
     nncf = paired.compare(rows, items, score, "m", (8, 8), "nncf", "top1", reference="repapq")
     assert (nncf["rival_ahead"], nncf["ref_ahead"]) == (1, 0) and nncf["rival_lead"] > 0
+
+
+def test_ort_quantization_leaves_no_files_in_the_working_directory(tmp_path, monkeypatch):
+    """ORT's shape inference writes temporary files into the current directory; the adapter runs it in ``work``."""
+    if not _installed("onnxruntime"):
+        pytest.skip("onnxruntime is not installed")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    work = tmp_path / "work"
+    work.mkdir()
+    from onnxruntime.quantization import shape_inference
+
+    real = shape_inference.quant_pre_process
+
+    def littering(*args, **kwargs):  # what ORT does on large or symbolic-shape models (MiniLM, Swin)
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", littering)
+    made = peers.run_peer("ort-percentile", _tiny(), _feed(), work)
+    assert made.onnx_path.is_file() and made.onnx_path.parent == work.resolve()
+    assert list(here.iterdir()) == []
+    assert (work / "sym_shape_infer_temp.onnx").exists()

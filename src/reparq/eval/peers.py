@@ -27,6 +27,7 @@ Settings, per tool's docs (defaults unless said):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -225,6 +226,7 @@ def quantize_ort(fp_onnx: Path, feed: CalibrationFeed, method: str, work: Path, 
     q = require("onnxruntime")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    work, fp_onnx = Path(work).resolve(), Path(fp_onnx).resolve()
     pre, out = work / f"{fp_onnx.stem}_pre.onnx", work / f"{fp_onnx.stem}_{method}.onnx"
     settings = {"format": "QDQ", "per_channel": True, "weights": "QInt8", "activations": "QUInt8",
                 "calibrate_method": ORT_METHODS[method]}
@@ -240,7 +242,10 @@ def quantize_ort(fp_onnx: Path, feed: CalibrationFeed, method: str, work: Path, 
                           per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=getattr(q.CalibrationMethod, ORT_METHODS[method]))
 
-    _, cost = _timed(run)
+    # ORT's shape inference leaves temporary files (``*.data``, ``sym_shape_infer_temp.onnx``) in the
+    # working directory: run it inside ``work`` so a benchmark does not litter the checkout.
+    with contextlib.chdir(work):
+        _, cost = _timed(run)
     session, predict = ort_session_predict(out, spec.input_names, threads)
     return PeerModel(method, "onnxruntime", predict, cost.seconds, settings, cost.peak_mem_mb, onnx_path=out,
                      session=session)
