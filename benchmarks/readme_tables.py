@@ -217,7 +217,7 @@ def peers_table() -> str:
                      + f" | {ours['calib_seconds']:.0f} | {min(peer_s):.1f}-{max(peer_s):.1f} |")
     speed = [r for r in rows if r.get("ratio") is not None]
     if speed:
-        lines += ["", "ONNX Runtime int8/FP32 time of the same deployed graph (one thread, batch 64, timed together):", "",
+        lines += ["", "ONNX Runtime int8/FP32 time of the same deployed graph (one thread, batch 64; minilm batch 32; timed together):", "",
                   "| model | reparq export | " + " | ".join(f"`{m}`" for m in peers if m.startswith("ort-")) + " |",
                   "|---|---|" + "---|" * sum(m.startswith("ort-") for m in peers)]
         for model in dict.fromkeys(r["model"] for r in speed):
