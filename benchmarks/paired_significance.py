@@ -4,7 +4,8 @@ Run: ``.venv/bin/python benchmarks/paired_significance.py`` (about two minutes o
 it re-measures nothing, and evaluates only the float zoo models, for the flips); writes
 benchmarks/results/paired_significance.{md,json}. The ablations the same way:
 ``paired_significance.py --sources repquant_ablation repapq_ablation --name ablation_paired``, where
-the rivals are the variants, each one change to the reference's defaults.
+the rivals are the variants, each one change to the reference's defaults; and the peer tools
+(NNCF, ONNX Runtime, INC) with ``--sources peers --name peers_paired``.
 
 A mean over seeds that differs by 0.05 points is five of 10k test images (and a perplexity gap
 of 0.01 on llama_fm is a five-thousandth of the spread of one held-out window's mean NLL), so the
@@ -63,6 +64,8 @@ SOURCES = {
     # The ablations: each variant of our recipe against the recipe at its defaults.
     "repquant_ablation": ("top1", _hits_score),
     "repapq_ablation": ("top1", _hits_score),
+    # The peer tools (benchmarks/peers.py): each peer's row against reparq's recommended preset's.
+    "peers": (None, lambda e: _hits_score(e) if "hits" in e else torch.tensor(e["cosine"], dtype=torch.float64)),
 }
 # The baseline comparison: what runs without --sources.
 DEFAULT_SOURCES = ("ptq_baselines", "transformers_real")
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows, items = json.loads(path.read_text())["rows"], load_per_item(args.results, source)
         for model in args.models:
-            model_metric = metric or TEXT_METRIC.get(model)
+            model_metric = metric or TEXT_METRIC.get(model, "top1")  # a source of zoo and text rows (peers)
             reference = reference_for(rows, model)
             cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
                             and r["method"] == reference}, reverse=True)

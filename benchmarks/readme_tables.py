@@ -180,6 +180,60 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
+PEER_ORDER = ("nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy", "inc-default")
+
+
+def peers_table() -> str:
+    """reparq's w8a8 preset vs each peer tool: Δ top-1, the paired test's verdict, calibration time
+    and ORT speed, from results/peers.json (and peers_paired.json where it was run)."""
+    path = RESULTS / "peers.json"
+    if not path.exists():
+        return NOT_MEASURED
+    payload = json.loads(path.read_text())
+    rows = payload["rows"]
+    paired = {(r["model"], r["method"]): r for r in (_rows("peers_paired") or [])}
+    peers = [m for m in PEER_ORDER if any(r["method"] == m for r in rows)]
+    lines = ["| model | FP | reparq (preset recipe) | " + " | ".join(f"`{m}`" for m in peers) +
+             " | reparq calib s | peers' calib s |", "|---|---|---|" + "---|" * len(peers) + "---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["method"]: r for r in rows if r["model"] == model}
+        ours = next((r for r in rows if r["model"] == model and r.get("tool") == "reparq"), None)
+        if ours is None:
+            continue
+        cells = []
+        for m in peers:
+            r = by.get(m)
+            if r is None:
+                cells.append("-")
+                continue
+            test = paired.get((model, m))
+            mark = ""
+            if test is not None:
+                mark = (" (reparq ahead, p={:.2g})".format(test["p_sign"]) if test["ref_ahead"] > test["rival_ahead"]
+                        and test["p_sign"] < 0.05 else " (**peer ahead**, p={:.2g})".format(test["p_sign"])
+                        if test["rival_ahead"] > test["ref_ahead"] and test["p_sign"] < 0.05
+                        else " (n.s., p={:.2g})".format(test["p_sign"]))
+            cells.append((f"{r['delta']:+.4f}" if r["metric"] == "cosine" else f"{r['delta']:+.2f}") + mark)
+        peer_s = [by[m]["calib_seconds"] for m in peers if m in by]
+        ours_delta = f"{ours['delta']:+.4f}" if ours["metric"] == "cosine" else f"{ours['delta']:+.2f}"
+        lines.append(f"| {model} | {ours['fp']:.2f} | {ours_delta} (`{ours['method']}`) | " + " | ".join(cells)
+                     + f" | {ours['calib_seconds']:.0f} | {min(peer_s):.1f}-{max(peer_s):.1f} |")
+    speed = [r for r in rows if r.get("ratio") is not None]
+    if speed:
+        lines += ["", "ONNX Runtime int8/FP32 time of the same deployed graph (one thread, batch 64; minilm batch 32; timed together):", "",
+                  "| model | reparq export | " + " | ".join(f"`{m}`" for m in peers if m.startswith("ort-")) + " |",
+                  "|---|---|" + "---|" * sum(m.startswith("ort-") for m in peers)]
+        for model in dict.fromkeys(r["model"] for r in speed):
+            by = {("reparq" if r.get("tool") == "reparq" else r["method"]): r for r in speed if r["model"] == model}
+            cells = [f"{by[m]['ratio']:.2f}" if m in by else "-" for m in ["reparq"] +
+                     [m for m in peers if m.startswith("ort-")]]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    skipped = payload.get("skipped") or {}
+    if skipped:
+        lines += ["", "No row (skipped or failed, not counted): " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
+    return "\n".join(lines)
+
+
 TABLES = {
     "zoo": zoo_table,
     "ptq": lambda: drop_table("ptq_baselines", ("W8A8", "W6A6", "W4A8", "W4A4")),
@@ -192,6 +246,7 @@ TABLES = {
     "latency": latency_table,
     "latency_real": latency_real_table,
     "scale": scale_table,
+    "peers": peers_table,
 }
 
 
