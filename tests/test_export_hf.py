@@ -210,3 +210,53 @@ def test_zoo_source_brings_tokenizer(tmp_path):
     hf = _load(out)
     assert torch.allclose(_logits(hf, _ids(2, 16)), _logits(q, _ids(2, 16)), atol=1e-4, rtol=0)
     shutil.rmtree(tmp_path / "q")
+
+
+def test_quantized_embedding_is_smaller_and_exact(tmp_path):
+    """A tied embedding that reparq quantized (through its output layer) can keep the integers."""
+    q = _quantize(_model("llama", tied=True), "W4A16")
+    plain = reparq.export_hf(q, tmp_path / "plain")
+    small = reparq.export_hf(q, tmp_path / "small", quantize_embedding=True)
+    from safetensors import safe_open
+
+    with safe_open(str(small / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.int8
+    with safe_open(str(plain / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32  # q * s is not float16-exact
+    assert (small / "model.safetensors").stat().st_size < (plain / "model.safetensors").stat().st_size
+    groups = json.loads((small / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert groups["embedding"]["targets"] == ["model.embed_tokens"]
+    hf = _load(small)
+    assert torch.allclose(_logits(hf, _ids(3)), _logits(q, _ids(3)), atol=ATOL, rtol=0)
+    # (decompressed on the first forward)
+    assert torch.equal(hf.model.embed_tokens.weight, dict(q.named_modules())["lm_head"].quantized_weight().detach())
+
+
+def test_cli_export_hf_check(tmp_path, capsys):
+    """``reparq export --format hf --check`` writes the export and prints the comparison table."""
+    from reparq.cli import main
+
+    q = reparq.quantize(_model("opt", tied=False), _ids(), recipe="minmax", w_bits=4, a_bits=16, batch_size=8)
+    reparq.save(q, tmp_path / "q")
+    ids = tmp_path / "ids.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": _ids(6, 12, seed=3)}, str(ids))
+    code = main(["export", "--format", "hf", str(tmp_path / "q"), str(tmp_path / "hf"), "--source",
+                 str(_saved_float(tmp_path, q)), "--check", "--check-data", f"tensor:{ids}", "--check-size", "6"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (tmp_path / "hf" / "config.json").exists()
+    line = next(x for x in out.splitlines() if x.startswith("perplexity"))
+    ppl_reparq, ppl_hf = (float(v) for v in line.split()[1:3])
+    assert ppl_reparq == ppl_hf  # weight-only: the same model
+    assert "0.0000 %" in out
+    code = main(["export", "--format", "hf", str(tmp_path / "q"), str(tmp_path / "hf2")])  # no config source
+    assert code == 2 and not (tmp_path / "hf2").exists()
+
+
+def _saved_float(tmp_path: Path, q) -> Path:
+    """A float model directory of q's architecture (config; no tokenizer)."""
+    directory = tmp_path / "fp"
+    q.config.save_pretrained(str(directory))
+    return directory

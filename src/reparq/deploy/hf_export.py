@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from reparq.deploy.hf_scheme import (LayerScheme, attention_refusals, layer_scheme, needs_value, refuse,
+from reparq.deploy.hf_scheme import (FLOAT_BITS, LayerScheme, attention_refusals, layer_scheme, needs_value, refuse,
                                      state_refusals)
 from reparq.deploy.hf_source import ReparqSource, from_directory, from_model
 from reparq.errors import ReparqError
@@ -125,7 +125,7 @@ def _skeleton_keys(config) -> tuple[dict[str, tuple[int, ...]], list[str], str |
 class Plan:
     """Every decision of the export, made before anything is written."""
 
-    def __init__(self, src: ReparqSource, config, activations: str) -> None:
+    def __init__(self, src: ReparqSource, config, activations: str, quantize_embedding: bool = False) -> None:
         problems = attention_refusals(src.attention)
         keys = src.keys()
         self.schemes: dict[str, LayerScheme | None] = {}
@@ -146,6 +146,13 @@ class Plan:
         self.config.use_cache = True
         self.config.dtype = torch.float32
         expected, linears, self.embed_name = _skeleton_keys(self.config)
+        # An untied embedding holds the output layer's quantized matrix: in float (every runtime
+        # reads it), or with quantize_embedding as the same integers (transformers decompresses a
+        # quantized nn.Embedding; vLLM does not quantize embeddings).
+        lm_head = self.schemes.get("lm_head")
+        # naive-quantized: an int8 ``weight`` (transformers' init of an Embedding needs one)
+        self.embed_scheme = LayerScheme(lm_head.w_bits, lm_head.w_strategy, FLOAT_BITS, storage="naive-quantized") \
+            if self.untie and quantize_embedding and lm_head is not None else None
         self.ignore = [n for n in linears if n not in quantized]
         float_keys = {k for k in keys if self.passes(k)}
         unexpected = sorted(float_keys - set(expected))
@@ -219,7 +226,7 @@ def _layer_tensors(name: str, scheme: LayerScheme, ct_scheme, t: dict[str, torch
         if not scheme.a_symmetric:  # reparq's unsigned grid [0, 2^b-1] is the signed one shifted by 2^(b-1)
             zp = t[name + ".input_quantizer.zero_point"].reshape(1) - 2 ** (scheme.a_bits - 1)
             local["input_zero_point"] = zp.round().to(torch.int8)
-    return {f"{name}.{k}": v.contiguous() for k, v in local.items()}
+    return {f"{name}.{k}": v.contiguous().clone() for k, v in local.items()}  # no storage shared between layers
 
 
 def _shard_tensors(src_keys: list[str], load, plan: "Plan", ct_schemes: dict) -> dict[str, torch.Tensor]:
@@ -230,7 +237,11 @@ def _shard_tensors(src_keys: list[str], load, plan: "Plan", ct_schemes: dict) ->
         if scheme is None or name + ".weight_int" not in t:
             continue
         out.update(_layer_tensors(name, scheme, ct_schemes[name], t))
-        if plan.untie and name == "lm_head":  # the embedding reads the quantized matrix, in float
+        if plan.untie and name == "lm_head" and plan.embed_scheme is not None:  # the same integers
+            embed = plan.embed_name.removesuffix(".weight")
+            renamed = {embed + k.removeprefix(name): v for k, v in t.items() if k.startswith(name + ".")}
+            out.update(_layer_tensors(embed, plan.embed_scheme, ct_schemes[embed], renamed))
+        elif plan.untie and name == "lm_head":  # the embedding reads the quantized matrix, in float
             ints, scale = t[name + ".weight_int"].float(), t[name + ".weight_quantizer.scale"].float()
             out[plan.embed_name] = _compact(ints * scale.reshape(-1, 1) if scale.numel() > 1 else ints * scale)
     for key in src_keys:
@@ -252,6 +263,9 @@ def _group_schemes(plan: Plan):
     # target in config order (and would warn that the names matched nothing).
     ranked = sorted(by_scheme, key=lambda s: len(by_scheme[s]))
     groups, per_layer = {}, {}
+    if plan.embed_scheme is not None:  # an Embedding: only a target by name reaches it
+        embed = plan.embed_name.removesuffix(".weight")
+        groups["embedding"] = per_layer[embed] = plan.embed_scheme.to_ct([embed])
     for i, scheme in enumerate(ranked):
         ct = scheme.to_ct(["Linear"] if i == len(ranked) - 1 else sorted(by_scheme[scheme]))
         groups[f"group_{i}"] = ct
@@ -262,13 +276,13 @@ def _group_schemes(plan: Plan):
 def _quantization_config(plan: Plan, groups: dict, ranked: list[LayerScheme]):
     from compressed_tensors.quantization import QuantizationConfig
 
-    formats = {s.format for s in ranked}
+    formats = {s.format for s in ranked} | ({plan.embed_scheme.format} if plan.embed_scheme else set())
     return QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
                               quantization_status="compressed", ignore=plan.ignore)
 
 
 def export_hf(qmodel_or_dir: nn.Module | str | Path, out_dir: str | Path, source: str | Path | None = None,
-              activations: str = "static") -> Path:
+              activations: str = "static", quantize_embedding: bool = False) -> Path:
     """Write a quantized model as a Hugging Face compressed-tensors checkpoint in ``out_dir``.
 
     ``qmodel_or_dir``: a model from ``reparq.quantize`` / ``reparq.load``, or a directory written
@@ -278,6 +292,9 @@ def export_hf(qmodel_or_dir: nn.Module | str | Path, out_dir: str | Path, source
     ``activations``: for W8A8, ``"static"`` writes reparq's calibrated per-tensor input ranges
     (the exported model computes what reparq's does); ``"dynamic"`` asks the runtime for
     per-token dynamic ranges instead (usually as accurate, no longer reparq's integers).
+    ``quantize_embedding``: where a tied embedding is untied (reparq quantized the output layer),
+    store it as the output layer's integers too instead of in float32: a much smaller file that
+    transformers loads exactly; vLLM does not load quantized embeddings, so it is off by default.
 
     Raises :class:`~reparq.errors.ReparqError`, before anything is written, when the model holds
     what the format cannot (see :mod:`reparq.deploy.hf_scheme`). ``out_dir`` must be empty or new.
@@ -290,7 +307,7 @@ def export_hf(qmodel_or_dir: nn.Module | str | Path, out_dir: str | Path, source
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ReparqError(f"{out_dir} exists and is not empty; choose a new or empty directory")
     config = _resolve_config(src, source)
-    plan = Plan(src, config, activations)
+    plan = Plan(src, config, activations, quantize_embedding)
     groups, per_layer, ranked = _group_schemes(plan)
     qconfig = _quantization_config(plan, groups, ranked)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from reparq.errors import ReparqError
 
 FLOAT_BITS = 16  # reparq's "keep float" bit width
-PACKED, INT = "pack-quantized", "int-quantized"
+PACKED, INT, NAIVE = "pack-quantized", "int-quantized", "naive-quantized"
 ACTIVATIONS = ("static", "dynamic")
 
 
@@ -36,6 +36,7 @@ class LayerScheme:
     a_bits: int
     a_symmetric: bool = False
     activations: str = "static"
+    storage: str | None = None  # a format of its own (the embedding: naive-quantized keeps ``weight``)
 
     @property
     def weight_only(self) -> bool:
@@ -45,6 +46,8 @@ class LayerScheme:
     def format(self) -> str:
         """pack-quantized (int32 words of packed integers) for weight-only, int-quantized (int8
         weights) where the inputs are quantized too: what transformers decompresses and vLLM runs."""
+        if self.storage:
+            return self.storage
         return PACKED if self.weight_only else INT
 
     @property
