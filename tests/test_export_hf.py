@@ -260,3 +260,29 @@ def _saved_float(tmp_path: Path, q) -> Path:
     directory = tmp_path / "fp"
     q.config.save_pretrained(str(directory))
     return directory
+
+
+def test_scheme_refusals_name_the_fix():
+    """Each kind of layer the format cannot hold gets its own message (before anything is written)."""
+    from reparq.deploy.hf_scheme import attention_refusals, layer_scheme
+
+    def meta(w_bits=4, w_sym=True, a_bits=16, a_axis=None):
+        return {"type": "QLinear", "weight": {"bits": w_bits, "symmetric": w_sym, "channel_axis": 0, "initialized": True},
+                "input": {"bits": a_bits, "symmetric": False, "channel_axis": a_axis, "initialized": True}}
+
+    def problems(m, scales=8):
+        out: list[str] = []
+        scheme = layer_scheme("l", m, scales, 8, problems=out)
+        return scheme, out
+
+    scheme, out = problems(meta())
+    assert not out and (scheme.format, scheme.w_strategy) == ("pack-quantized", "channel")
+    scheme, out = problems(meta(w_bits=8, a_bits=8), scales=1)
+    assert not out and (scheme.format, scheme.w_strategy, scheme.name) == ("int-quantized", "tensor", "W8A8")
+    assert "asymmetric weights" in problems(meta(w_sym=False))[1][0]
+    assert "per channel" in problems(meta(w_bits=8, a_bits=8, a_axis=-1))[1][0]
+    assert "only per output channel or per tensor" in problems(meta(), scales=4)[1][0]
+    assert "float weights but quantizes its inputs" in problems(meta(w_bits=16, a_bits=8))[1][0]
+    assert problems(meta(w_bits=16, a_bits=16)) == (None, [])  # a float layer: the ignore list
+    assert attention_refusals({"a": {"bits": 16, "probs": "log2"}}) == []
+    assert "log2parity grid" in attention_refusals({"a": {"bits": 8, "probs": "log2parity"}})[0]
