@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import math
 import random
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -14,23 +13,11 @@ import torch.nn as nn
 
 from reparq.config import QuantConfig
 from reparq.errors import ReparqError
+from reparq.info import QuantInfo
 from reparq.eval.measure import measure
 from reparq.nn.qmodules import bake_shared_weights
 from reparq.progress import SILENT, Reporter
 from reparq.recipes.output_ranges import record_output_ranges
-
-
-@dataclass
-class QuantInfo:
-    """What a quantized model remembers about how it was made (``model.reparq_info``)."""
-
-    recipe: str
-    config: dict
-    seed: int
-    calib_samples: int
-    calib_seconds: float = 0.0
-    peak_mem_mb: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _batch_len(batch: Any) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -356,13 +357,34 @@ def export(
     requantize: bool = typer.Option(True, "--requantize/--no-requantize",
                                     help="int8 kernels for convs nothing requantizes (one extra rounding); "
                                          "--no-requantize: exactly the fake-quant values, those convs in float"),
-    check: bool = typer.Option(False, "--check", help="compare ORT with PyTorch on the test split"),
-    check_size: int = typer.Option(10000, "--check-size", help="test images used by --check"),
+    check: bool = typer.Option(False, "--check", help="onnx: compare ORT with PyTorch on the test split; hf: load "
+                                                       "the export with transformers, compare perplexity and logits"),
+    check_size: Optional[int] = typer.Option(None, "--check-size",
+                                             help="test images (onnx, default 10000) or token windows (hf, default 64)"),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (ONNX QDQ file) or hf (Hugging Face "
+                                                        "compressed-tensors directory: transformers, vLLM)"),
+    source: Optional[str] = typer.Option(None, "--source", help="hf: zoo:NAME or the float model's directory "
+                                                               "(config, tokenizer), when the saved model does not say"),
+    activations: str = typer.Option("static", "--activations", help="hf, W8A8: static (reparq's calibrated ranges) "
+                                                                    "or dynamic (per-token ranges at run time)"),
+    check_data: Optional[str] = typer.Option(None, "--check-data", help="hf --check: text:FILE or tensor:FILE "
+                                                                       "(default for zoo models: held-out windows)"),
+    quantize_embedding: bool = typer.Option(False, "--quantize-embedding",
+                                            help="hf: a tied embedding keeps the output layer's integers (smaller; "
+                                                 "transformers loads it, vLLM does not)"),
 ) -> None:
-    """Write a quantized model as an ONNX QDQ graph that ONNX Runtime runs with int8 kernels."""
+    """Write a quantized model as an ONNX QDQ graph that ONNX Runtime runs with int8 kernels, or
+    (--format hf) as a Hugging Face compressed-tensors checkpoint that transformers and vLLM load."""
     import torch
 
     import reparq
+
+    if fmt == "hf":
+        _export_hf(paths, model, recipe, w_bits, a_bits, seed, calib_size, source, activations, check, check_size,
+                   check_data, quantize_embedding)
+        return
+    if fmt != "onnx":
+        raise ReparqError(f"--format must be onnx or hf, got {fmt!r}")
     from reparq.zoo.architectures import IMG_SIZE, IN_CHANS
 
     if len(paths) not in (1, 2) or (len(paths) == 2) == (model is not None):
@@ -384,8 +406,75 @@ def export(
         from reparq.deploy.ort_runner import compare
 
         test_x, test_y = load_fashion_mnist("test")
-        result = compare(qmodel, path, test_x[:check_size], test_y[:check_size])
+        n = 10000 if check_size is None else check_size
+        result = compare(qmodel, path, test_x[:n], test_y[:n])
         console.print(result.summary(), highlight=False, soft_wrap=True)
+
+
+def _zoo_lm_windows(name: str, size: int, seed: int, held_out: bool) -> torch.Tensor:
+    """Token windows of a zoo decoder's text: random training windows (calibration) or the
+    held-out windows its card's perplexity was measured on."""
+    import torch
+
+    from reparq.zoo import model_card
+    from reparq.zoo.train_lm import lm_data, load_tokenizer
+
+    seq_len = model_card(name)["recipe"]["seq_len"]
+    stream, held = lm_data(load_tokenizer(name), seq_len)
+    if held_out:
+        return held[:size]
+    starts = torch.randint(0, stream.numel() - seq_len, (size,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+def _export_hf(paths: list[str], model: str | None, recipe: str, w_bits: int, a_bits: int, seed: int,
+               calib_size: int, source: str | None, activations: str, check: bool, check_size: int | None,
+               check_data: str | None, quantize_embedding: bool = False) -> None:
+    """``reparq export --format hf``: SAVED_DIR OUT_DIR (a saved or streamed model), or OUT_DIR
+    with --model zoo:NAME (a zoo decoder, quantized here with attention matmuls left float)."""
+    import reparq
+    from reparq.deploy.hf_check import check_export, directory_size_mb
+
+    if len(paths) not in (1, 2) or (len(paths) == 2) == (model is not None):
+        raise ReparqError("give SAVED_DIR OUT_DIR, or OUT_DIR with --model zoo:NAME (not both, not neither)")
+    out = paths[-1]
+    qmodel = None
+    if model is not None:
+        from reparq.zoo import load_model
+
+        name = _zoo_name(model)
+        source = source or f"zoo:{name}"
+        # The format has no place for quantized attention matmuls: they stay float.
+        options = {"ignore": ("*self_attn",)} if a_bits < 16 else {}
+        qmodel = reparq.quantize(load_model(name), _zoo_lm_windows(name, min(calib_size, 256), seed, False),
+                                 recipe=recipe, w_bits=w_bits, a_bits=a_bits, seed=seed, batch_size=8, **options)
+    path = reparq.export_hf(qmodel if qmodel is not None else paths[0], out, source=source, activations=activations,
+                            quantize_embedding=quantize_embedding)
+    console.print(f"wrote {path} ({directory_size_mb(path):.2f} MiB of tensors)", highlight=False)
+    if check:
+        if qmodel is None:  # the float architecture from --source when the saved model does not name one
+            from reparq.deploy.serialize import _model_from_source
+
+            arch = None
+            if source:
+                arch = _model_from_source(Path(paths[0]), source if source.startswith(("zoo:", "hf:"))
+                                          else f"hf:{source}")
+            qmodel = reparq.load(paths[0], model=arch)
+        n = 64 if check_size is None else check_size
+        src = source or (getattr(qmodel, "reparq_info", None) and qmodel.reparq_info.extra.get("source")) or ""
+        if check_data is None:
+            if not str(src).startswith("zoo:"):
+                raise ReparqError("--check needs --check-data text:FILE or tensor:FILE (held-out windows are known "
+                                  "only for zoo models)")
+            windows = _zoo_lm_windows(str(src).removeprefix("zoo:"), n, seed, True)
+        else:
+            from types import SimpleNamespace
+
+            from reparq.sources import load_calibration
+
+            spec = SimpleNamespace(source=check_data, size=n, seq_len=128)
+            windows = load_calibration(spec, model_source=f"hf:{str(src).removeprefix('hf:')}", seed=seed)
+        console.print(check_export(path, qmodel, windows).table(), highlight=False)
 
 
 @zoo_app.command("list")

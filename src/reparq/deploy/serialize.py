@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from reparq.errors import ReparqError
+from reparq.info import QuantInfo, __version__
 from reparq.model.attention_adapters import describe_attention, rebuild_attention
 from reparq.model.postnorm import add_folded_biases
 from reparq.nn.qmodules import QUANTIZED_TYPES, attach_input_affine, parameter_names, quantized_layers
@@ -74,8 +75,6 @@ def export_state(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 def write_meta(directory: Path, info, layers: dict, attention: dict, architecture: str, source: str | None,
                shards: list[str] | None = None) -> None:
     """``reparq.json``; ``shards`` lists the tensor files when there is more than ``model.safetensors``."""
-    from reparq import __version__
-
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "reparq_version": __version__,
             "source": source, "architecture": architecture, "info": asdict(info), "layers": layers,
             "attention": attention}
@@ -139,8 +138,6 @@ def _tied_to_loaded(model: nn.Module, loaded) -> set[str]:
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved quantized model. ``model`` is the float architecture when the saved source
     is not a zoo model (its weights are replaced by the saved ones)."""
-    from reparq.api import QuantInfo
-
     directory = Path(directory)
     meta, tensors = _read(directory)
     if model is None:

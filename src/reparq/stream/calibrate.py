@@ -196,7 +196,8 @@ def quantize_streamed(model_dir: str | Path, calib_ids: torch.Tensor, out_dir: s
     in ``work_dir`` (default ``out_dir/.stream-state``) unless ``restart``. ``on_step_done(step)``
     is called after each saved step (tests use it to interrupt a run).
     """
-    from reparq.api import QuantInfo, resolve_recipe
+    from reparq.api import resolve_recipe
+    from reparq.info import QuantInfo
     from reparq.model.hf_adapters import LLAMA_LAYOUT, hf_family, register_hf_attention
 
     if str(device).startswith("cuda") and not torch.cuda.is_available():
