@@ -155,39 +155,18 @@ def float_graph(case: Case) -> nn.Module:
     return case.wrap(fp)
 
 
-class _Reader:
-    """ORT's CalibrationDataReader protocol over the same calibration samples reparq saw."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self._it = iter(feeds)
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def ort_quantize_static(fp_path: Path, case: Case, work: Path) -> tuple[Path, float]:
-    """ONNX Runtime's own int8 graph, made the way its documentation tells a user to."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """ONNX Runtime's own int8 graph, made the way its documentation tells a user to (the peers
+    benchmark's adapter: ``quant_pre_process``, QDQ, per-channel, MinMax, run inside ``work``)."""
+    from reparq.eval.peers import CalibrationFeed, OnnxSpec, quantize_ort
 
-    pre = work / f"{fp_path.stem}_pre.onnx"
-    out = work / f"{fp_path.stem}_ort_int8.onnx"
-    t0 = time.perf_counter()
-    try:
-        quant_pre_process(str(fp_path), str(pre))
-    except Exception as exc:  # noqa: BLE001 - Swin: "Incomplete symbolic shape inference"
-        # ORT's own switch for models its symbolic shape inference cannot follow.
-        print(f"quant_pre_process: {exc}; retrying with skip_symbolic_shape=True", flush=True)
-        quant_pre_process(str(fp_path), str(pre), skip_symbolic_shape=True)
     if isinstance(case.calib, torch.Tensor):
-        feeds = [{"input": b.numpy()} for b in case.calib.split(8)]
+        feed = CalibrationFeed.from_tensor(case.calib, batch_size=8)
     else:
-        feeds = [{k: case.calib[k][i:i + 8].numpy() for k in case.input_names}
-                 for i in range(0, len(case.calib["input_ids"]), 8)]
-    quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return out, time.perf_counter() - t0
+        feed = CalibrationFeed([tuple(case.calib[k][i:i + 8] for k in case.input_names)
+                                for i in range(0, len(case.calib["input_ids"]), 8)])
+    peer = quantize_ort(fp_path, feed, "ort-minmax", work, OnnxSpec(case.input_names))
+    return peer.onnx_path, peer.calib_seconds
 
 
 def _outputs(session, feed: dict[str, np.ndarray]) -> np.ndarray:
