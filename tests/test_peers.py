@@ -94,7 +94,8 @@ def test_a_different_feed_is_seen_as_different():
     assert other.consumed_set().isdisjoint(feed.fingerprints())
 
 
-def test_a_tool_that_is_not_installed_raises_peer_unavailable(monkeypatch):
+def _hide_nncf(monkeypatch) -> None:
+    """Make the peers module see NNCF as not installed (its import raises ImportError)."""
     real = importlib.import_module
 
     def fake(name, *args, **kwargs):
@@ -103,6 +104,10 @@ def test_a_tool_that_is_not_installed_raises_peer_unavailable(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(peers.importlib, "import_module", fake)
+
+
+def test_a_tool_that_is_not_installed_raises_peer_unavailable(monkeypatch):
+    _hide_nncf(monkeypatch)
     with pytest.raises(peers.PeerUnavailable, match="nncf is not installed"):
         peers.run_peer("nncf", _tiny(), _feed(), Path("."))
 
@@ -112,14 +117,7 @@ def test_the_benchmark_skips_a_missing_tool_says_so_and_counts_only_the_others(t
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     bench = importlib.import_module("peers")
     assert bench.__file__.startswith(str(BENCHMARKS))
-    real = importlib.import_module
-
-    def fake(name, *args, **kwargs):
-        if name.split(".")[0] == "nncf":
-            raise ImportError("No module named 'nncf'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(peers.importlib, "import_module", fake)
+    _hide_nncf(monkeypatch)
     bench.main(["--models", "repvgg_fm", "--methods", "nncf", "ort-minmax", "--calib-size", "32",
                 "--repeats", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "peers.json").read_text())
