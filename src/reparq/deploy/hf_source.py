@@ -10,7 +10,6 @@ layer at a time whatever the model's size.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from reparq.deploy.serialize import FORMAT, META_FILE, TENSOR_FILE, export_state
+from reparq.deploy.serialize import TENSOR_FILE, export_state, read_meta
 from reparq.errors import ReparqError
 
 
@@ -90,15 +89,7 @@ def _file_shard(path: Path) -> Shard:
 def from_directory(directory: str | Path) -> ReparqSource:
     """The source of a directory written by ``reparq.save`` or ``reparq stream``."""
     directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.exists():
-        raise ReparqError(f"{directory} is not a saved reparq model (needs {META_FILE}); quantize and save first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReparqError(f"{meta_path} is corrupt: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ReparqError(f"{directory} holds format {meta.get('format')!r}, not a saved reparq model")
+    meta = read_meta(directory)
     shards = [_file_shard(directory / name) for name in meta.get("shards") or [TENSOR_FILE]]
     info = meta.get("info") or {}
     return ReparqSource(meta.get("layers", {}), meta.get("attention", {}), meta.get("source"), shards, None,

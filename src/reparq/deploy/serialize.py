@@ -83,10 +83,15 @@ def write_meta(directory: Path, info, layers: dict, attention: dict, architectur
     (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
 
 
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_meta(directory: Path) -> dict:
+    """The metadata of a directory that ``reparq.save`` or ``reparq stream`` wrote, checked for
+    format and version: one reader for ``reparq.load`` and the Hugging Face export, so both refuse
+    the same foreign or newer directories with the same message."""
+    directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.exists():
-        raise ReparqError(f"{directory} is not a saved reparq model (needs {META_FILE} and {TENSOR_FILE})")
+        raise ReparqError(f"{directory} is not a saved reparq model (needs {META_FILE} and {TENSOR_FILE}); "
+                          "quantize and save first")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
@@ -94,6 +99,11 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ReparqError(f"{directory} holds format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                           f"this reparq reads {FORMAT!r} version {FORMAT_VERSION}")
+    return meta
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = read_meta(directory)
     tensors: dict[str, torch.Tensor] = {}
     for name in meta.get("shards") or [TENSOR_FILE]:
         path = directory / name
