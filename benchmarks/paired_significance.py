@@ -65,7 +65,8 @@ SOURCES = {
     "repquant_ablation": ("top1", _hits_score),
     "repapq_ablation": ("top1", _hits_score),
     # The peer tools (benchmarks/peers.py): each peer's row against reparq's recommended preset's.
-    "peers": (None, lambda e: _hits_score(e) if "hits" in e else torch.tensor(e["cosine"], dtype=torch.float64)),
+    "peers": (None, lambda e: _hits_score(e) if "hits" in e else -torch.tensor(e["nll"], dtype=torch.float64)
+              if "nll" in e else torch.tensor(e["cosine"], dtype=torch.float64)),
 }
 # The baseline comparison: what runs without --sources.
 DEFAULT_SOURCES = ("ptq_baselines", "transformers_real")

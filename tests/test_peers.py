@@ -213,3 +213,41 @@ def test_ort_quantization_leaves_no_files_in_the_working_directory(tmp_path, mon
     assert made.onnx_path.is_file() and made.onnx_path.parent == work.resolve()
     assert list(here.iterdir()) == []
     assert (work / "sym_shape_infer_temp.onnx").exists()
+
+
+def test_decoder_peers_get_logits_of_input_ids_and_ort_scores_the_same_model(tmp_path):
+    """llama_fm's peers quantize ``input_ids -> logits``: its float ONNX export (explicit all-ones mask,
+    which keeps ``aten::diff`` out of the graph) gives ORT the same logits as PyTorch."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    bench = importlib.import_module("peers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    lm = bench.Logits(transformers.LlamaForCausalLM(cfg).eval()).eval()
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    spec = peers.OnnxSpec(("input_ids",), ("logits",),
+                          {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch", 1: "tokens"}})
+    path = peers.export_float_onnx(lm, tmp_path / "lm.onnx", (ids[:1],), spec)
+    _, predict = peers.ort_session_predict(path, spec.input_names)
+    with torch.no_grad():
+        ref = lm(ids)
+    assert ref.shape == (3, 16, 64)
+    assert torch.allclose(predict(ids), ref, atol=1e-4)
+
+
+def test_perplexity_rows_rank_lower_as_better():
+    """The summary's best method and the paired test's scores: a perplexity Δ is better when lower."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    bench = importlib.import_module("peers")
+    assert bench.better({"metric": "perplexity", "delta": 0.5}) < bench.better({"metric": "perplexity", "delta": 0.1})
+    assert bench.better({"metric": "top1", "delta": -0.5}) < bench.better({"metric": "top1", "delta": -0.1})
+    spec = importlib.util.spec_from_file_location("paired_significance", BENCHMARKS / "paired_significance.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    assert paired.SOURCES["peers"][1]({"nll": [2.0, 3.0]}).tolist() == [-2.0, -3.0]  # lower NLL scores higher

@@ -238,6 +238,9 @@ def quantize_ort(fp_onnx: Path, feed: CalibrationFeed, method: str, work: Path, 
             print(f"quant_pre_process: {exc}; retrying with skip_symbolic_shape=True", flush=True)
             settings["pre_process"] = "skip_symbolic_shape=True"
             quant_pre_process(str(fp_onnx), str(pre), skip_symbolic_shape=True)
+        # No ``CalibMaxIntermediateOutputs``: in ORT 1.32 reaching it clears the held outputs without
+        # merging their ranges (only the last chunk counts; "No data is collected" when the batches are
+        # a multiple of it). MinMax holds only its ReduceMin/ReduceMax scalars, so it needs no bound.
         q.quantize_static(str(pre), str(out), _Reader(feed, spec.input_names), quant_format=q.QuantFormat.QDQ,
                           per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=getattr(q.CalibrationMethod, ORT_METHODS[method]))
