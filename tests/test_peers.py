@@ -251,3 +251,34 @@ def test_perplexity_rows_rank_lower_as_better():
     paired = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paired)
     assert paired.SOURCES["peers"][1]({"nll": [2.0, 3.0]}).tolist() == [-2.0, -3.0]  # lower NLL scores higher
+
+
+def _tiny_lm():
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    bench = importlib.import_module("peers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return bench, bench.Logits(transformers.LlamaForCausalLM(cfg).eval()).eval()
+
+
+@pytest.mark.parametrize("method", ["nncf-int4", "inc-rtn"])
+def test_weight_only_peers_round_the_decoder_weights_to_4_bits(method):
+    """The W4A16 peers (llama_fm): the whole feed is consumed, the model is changed but stays close, and the
+    benchmark files the row under W4A16."""
+    tool = peers.METHOD_TOOL[method]
+    if not _installed(tool):
+        pytest.skip(f"{tool} is not installed")
+    bench, lm = _tiny_lm()
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(2))
+    feed = peers.CalibrationFeed.from_tensor(ids, batch_size=4)
+    got = peers.run_peer(method, lm, feed, Path("."), transformer=True)
+    assert got.method == method and feed.consumed_set() == set(feed.fingerprints())
+    with torch.no_grad():
+        ref, out = lm(ids), got.predict(ids)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 0.2  # 4-bit weights: visibly rounded, not broken
+    assert bench.bits_of(method) == (4, 16) and bench.bits_of("nncf") == (8, 8)

@@ -118,7 +118,8 @@ class PeerModel:
 TOOLS = {"nncf": ("nncf", "nncf"), "onnxruntime": ("onnxruntime.quantization", "onnxruntime"),
          "inc": ("neural_compressor.torch.quantization", "neural-compressor-pt")}
 METHOD_TOOL = {"nncf": "nncf", "nncf-no-smoothquant": "nncf", "ort-minmax": "onnxruntime",
-               "ort-percentile": "onnxruntime", "ort-entropy": "onnxruntime", "inc-default": "inc"}
+               "ort-percentile": "onnxruntime", "ort-entropy": "onnxruntime", "inc-default": "inc",
+               "nncf-int4": "nncf", "nncf-int4-awq": "nncf", "inc-rtn": "inc", "inc-gptq": "inc"}
 
 
 def require(tool: str):
@@ -181,6 +182,29 @@ def quantize_nncf(model: nn.Module, feed: CalibrationFeed, *, transformer: bool 
     qmodel, cost = _timed(lambda: nncf.quantize(work, dataset, **kwargs))
     method = "nncf" if smoothquant else "nncf-no-smoothquant"
     return PeerModel(method, "torch", torch_predict(qmodel), cost.seconds,
+                     settings, cost.peak_mem_mb)
+
+
+def quantize_nncf_weights(model: nn.Module, feed: CalibrationFeed, *, data_aware: bool = False) -> PeerModel:
+    """NNCF's 4-bit weight-only compression for LLMs (``nncf.compress_weights``, ``INT4_SYM``).
+
+    Data-free: NNCF's defaults for the mode (group size 128, embeddings and the last layer kept in
+    8-bit). ``data_aware``: the data-aware setting NNCF's LLM guide recommends for accuracy (AWQ and
+    scale estimation on the calibration batches, every one of them)."""
+    nncf = require("nncf")
+    # NNCF's torch backend traces the model on the dataset even when the algorithm is data-free
+    kwargs: dict = {"mode": nncf.CompressWeightsMode.INT4_SYM,
+                    "dataset": nncf.Dataset(feed, lambda b: b[0] if len(b) == 1 else b)}
+    settings: dict = {"mode": "INT4_SYM", "group_size": "128 (default)", "ratio": "1 (default)"}
+    if data_aware:
+        kwargs.update(subset_size=feed.samples, awq=True, scale_estimation=True)
+        settings.update(awq=True, scale_estimation=True, subset_size=feed.samples)
+    work = copy.deepcopy(model).eval()
+    qmodel, cost = _timed(lambda: nncf.compress_weights(work, **kwargs))
+    if not data_aware:
+        for _ in feed:  # data-free (tracing only): drained so the harness's consumption check holds
+            pass
+    return PeerModel("nncf-int4-awq" if data_aware else "nncf-int4", "torch", torch_predict(qmodel), cost.seconds,
                      settings, cost.peak_mem_mb)
 
 
@@ -280,9 +304,33 @@ def quantize_inc(model: nn.Module, feed: CalibrationFeed, *, dynamic_dims: Seque
                      cost.peak_mem_mb)
 
 
+def quantize_inc_weights(model: nn.Module, feed: CalibrationFeed, algo: str) -> PeerModel:
+    """INC 3.x weight-only 4-bit for LLMs with the algorithm's default config (``prepare``/``convert``);
+    GPTQ runs the calibration batches between them, RTN is data-free."""
+    inc = require("inc")
+    from neural_compressor.torch import quantization as incq
+
+    config = incq.get_default_rtn_config() if algo == "rtn" else incq.get_default_gptq_config()
+
+    def run() -> nn.Module:
+        prepared = incq.prepare(copy.deepcopy(model).eval(), quant_config=config)
+        with torch.no_grad():
+            for batch in feed:
+                if algo == "gptq":
+                    prepared(*batch)
+        return incq.convert(prepared)
+
+    qmodel, cost = _timed(run)
+    settings = {k: getattr(config, k) for k in ("bits", "use_sym", "group_size", "quant_lm_head") if hasattr(config, k)}
+    return PeerModel(f"inc-{algo}", "torch", torch_predict(qmodel), cost.seconds, {"algo": algo, **settings},
+                     cost.peak_mem_mb)
+
+
 # --- dispatch -------------------------------------------------------------------------------------
 
 PEER_METHODS = ("nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy", "inc-default")
+# 4-bit weight-only (W4A16) peers for LLMs
+WEIGHT_ONLY_METHODS = ("nncf-int4", "nncf-int4-awq", "inc-rtn", "inc-gptq")
 TRANSFORMER_ONLY = ("nncf-no-smoothquant",)
 
 
@@ -297,6 +345,10 @@ def run_peer(method: str, model: nn.Module, feed: CalibrationFeed, work: Path, *
     if method not in METHOD_TOOL:
         raise ReparqError(f"unknown peer method {method!r}; choose from {', '.join(PEER_METHODS)}")
     spec = spec or OnnxSpec()
+    if method in ("nncf-int4", "nncf-int4-awq"):
+        return quantize_nncf_weights(model, feed, data_aware=method == "nncf-int4-awq")
+    if method in ("inc-rtn", "inc-gptq"):
+        return quantize_inc_weights(model, feed, method.removeprefix("inc-"))
     if method.startswith("nncf"):
         return quantize_nncf(model, feed, transformer=transformer, smoothquant=method == "nncf")
     if method.startswith("ort-"):
@@ -318,12 +370,13 @@ def quantize_reparq(model: nn.Module, feed: CalibrationFeed, config: str = "w8a8
     batches = [dict(zip(input_names, b)) if input_names else b[0] if len(b) == 1 else b for b in feed]
     qmodel, cost = _timed(lambda: quantize(model, batches, config=config, seed=seed, **options))
     recipe = qmodel.reparq_info.recipe
-    peer = PeerModel(recipe, "torch", torch_predict(qmodel), cost.seconds, {"config": config, **options},
+    peer = PeerModel(recipe, "torch", torch_predict(qmodel), cost.seconds, {**({"config": config} if config else {}), **options},
                      cost.peak_mem_mb)
     peer.qmodel = qmodel  # type: ignore[attr-defined] - for export
     return peer
 
 
-__all__ = ["CalibrationFeed", "OnnxSpec", "PEER_METHODS", "PeerModel", "PeerUnavailable", "export_float_onnx",
-           "fingerprint", "ort_session_predict", "quantize_inc", "quantize_nncf", "quantize_ort", "quantize_reparq",
+__all__ = ["CalibrationFeed", "OnnxSpec", "PEER_METHODS", "WEIGHT_ONLY_METHODS", "PeerModel", "PeerUnavailable", "export_float_onnx",
+           "fingerprint", "ort_session_predict", "quantize_inc", "quantize_inc_weights", "quantize_nncf",
+           "quantize_nncf_weights", "quantize_ort", "quantize_reparq",
            "require", "run_peer"]
