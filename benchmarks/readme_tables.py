@@ -180,20 +180,19 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
-PEER_ORDER = ("nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy", "inc-default")
+PEER_ORDER = ("nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy", "inc-default",
+              "nncf-int4", "nncf-int4-awq", "inc-rtn", "inc-gptq")
 
 
-def peers_table() -> str:
-    """reparq's w8a8 preset vs each peer tool: Δ top-1, the paired test's verdict, calibration time
-    and ORT speed, from results/peers.json (and peers_paired.json where it was run)."""
-    path = RESULTS / "peers.json"
-    if not path.exists():
-        return NOT_MEASURED
-    payload = json.loads(path.read_text())
-    rows = payload["rows"]
-    paired = {(r["model"], r["method"]): r for r in (_rows("peers_paired") or [])}
+def _peer_delta(row: dict) -> str:
+    return {"cosine": f"{row['delta']:+.4f}", "perplexity": f"{row['delta']:+.3f}"}.get(row["metric"],
+                                                                                  f"{row['delta']:+.2f}")
+
+
+def _peer_cell_table(rows: list[dict], paired: dict, bits: tuple[int, int]) -> list[str]:
+    """One bit width: per model reparq's row, each peer's Δ with the paired test's verdict, calib times."""
     peers = [m for m in PEER_ORDER if any(r["method"] == m for r in rows)]
-    lines = ["| model | FP | reparq (preset recipe) | " + " | ".join(f"`{m}`" for m in peers) +
+    lines = [f"W{bits[0]}A{bits[1]}:", "", "| model | FP | reparq (recipe) | " + " | ".join(f"`{m}`" for m in peers) +
              " | reparq calib s | peers' calib s |", "|---|---|---|" + "---|" * len(peers) + "---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["method"]: r for r in rows if r["model"] == model}
@@ -206,27 +205,43 @@ def peers_table() -> str:
             if r is None:
                 cells.append("-")
                 continue
-            test = paired.get((model, m))
+            test = paired.get((model, m, *bits))
             mark = ""
             if test is not None:
                 mark = (" (reparq ahead, p={:.2g})".format(test["p_sign"]) if test["ref_ahead"] > test["rival_ahead"]
                         and test["p_sign"] < 0.05 else " (**peer ahead**, p={:.2g})".format(test["p_sign"])
                         if test["rival_ahead"] > test["ref_ahead"] and test["p_sign"] < 0.05
                         else " (n.s., p={:.2g})".format(test["p_sign"]))
-            cells.append((f"{r['delta']:+.4f}" if r["metric"] == "cosine" else f"{r['delta']:+.2f}") + mark)
+            cells.append(_peer_delta(r) + mark)
         peer_s = [by[m]["calib_seconds"] for m in peers if m in by]
-        ours_delta = f"{ours['delta']:+.4f}" if ours["metric"] == "cosine" else f"{ours['delta']:+.2f}"
-        lines.append(f"| {model} | {ours['fp']:.2f} | {ours_delta} (`{ours['method']}`) | " + " | ".join(cells)
+        lines.append(f"| {model} | {ours['fp']:.2f} | {_peer_delta(ours)} (`{ours['method']}`) | " + " | ".join(cells)
                      + f" | {ours['calib_seconds']:.0f} | {min(peer_s):.1f}-{max(peer_s):.1f} |")
+    return lines
+
+
+def peers_table() -> str:
+    """reparq's preset vs each peer tool, one table per bit width: Δ vs FP, the paired test's verdict,
+    calibration time, and ORT speed, from results/peers.json (and peers_paired.json where it was run)."""
+    path = RESULTS / "peers.json"
+    if not path.exists():
+        return NOT_MEASURED
+    payload = json.loads(path.read_text())
+    rows = payload["rows"]
+    paired = {(r["model"], r["method"], r["w_bits"], r["a_bits"]): r for r in (_rows("peers_paired") or [])}
+    lines: list[str] = []
+    for bits in sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[1], -b[0])):
+        if lines:
+            lines.append("")
+        lines += _peer_cell_table([r for r in rows if (r["w_bits"], r["a_bits"]) == bits], paired, bits)
     speed = [r for r in rows if r.get("ratio") is not None]
+    ort = [m for m in PEER_ORDER if m.startswith("ort-") and any(r["method"] == m for r in speed)]
     if speed:
-        lines += ["", "ONNX Runtime int8/FP32 time of the same deployed graph (one thread, batch 64; minilm batch 32; timed together):", "",
-                  "| model | reparq export | " + " | ".join(f"`{m}`" for m in peers if m.startswith("ort-")) + " |",
-                  "|---|---|" + "---|" * sum(m.startswith("ort-") for m in peers)]
+        lines += ["", "ONNX Runtime int8/FP32 time of the same deployed graph (one thread, batch 64; minilm batch 32, "
+                  "llama_fm batch 16 windows; timed together):", "",
+                  "| model | reparq export | " + " | ".join(f"`{m}`" for m in ort) + " |", "|---|---|" + "---|" * len(ort)]
         for model in dict.fromkeys(r["model"] for r in speed):
             by = {("reparq" if r.get("tool") == "reparq" else r["method"]): r for r in speed if r["model"] == model}
-            cells = [f"{by[m]['ratio']:.2f}" if m in by else "-" for m in ["reparq"] +
-                     [m for m in peers if m.startswith("ort-")]]
+            cells = [f"{by[m]['ratio']:.2f}" if m in by else "-" for m in ["reparq", *ort]]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     skipped = payload.get("skipped") or {}
     if skipped:
