@@ -1,4 +1,4 @@
-"""reparq vs the PTQ tools a user already has (NNCF, ONNX Runtime, Intel Neural Compressor), W8A8.
+"""reparq vs the PTQ tools users already have (NNCF, ONNX Runtime, Intel Neural Compressor), W8A8 and W4A16.
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/peers.py`` (``--models``, ``--methods`` to
 run it in pieces); writes benchmarks/results/peers.{md,json} and the per-image hits to
@@ -121,7 +121,7 @@ def better(row: dict) -> float:
 
 def summary_section(rows: list[dict]) -> str:
     """Per bit width: Δ per model (columns: methods), and which method is best in each row."""
-    cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[1], -b[0]))
+    cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[0], -b[1]))
     return "\n\n".join(summary_table([r for r in rows if (r["w_bits"], r["a_bits"]) == c], *c) for c in cells)
 
 

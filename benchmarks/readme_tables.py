@@ -229,7 +229,7 @@ def peers_table() -> str:
     rows = payload["rows"]
     paired = {(r["model"], r["method"], r["w_bits"], r["a_bits"]): r for r in (_rows("peers_paired") or [])}
     lines: list[str] = []
-    for bits in sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[1], -b[0])):
+    for bits in sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[0], -b[1])):
         if lines:
             lines.append("")
         lines += _peer_cell_table([r for r in rows if (r["w_bits"], r["a_bits"]) == bits], paired, bits)
