@@ -5,7 +5,7 @@ A diagnostic, not a table: a smaller setup than ``peers.py`` (128 calibration wi
 held-out windows, 50 reconstruction steps per block), one line per variant:
 ``variant  perplexity  delta-to-FP  seconds``.
 
-    python benchmarks/diag_llama_down_proj.py [--iters 50] [--variants all,down_proj-float,...]
+    python benchmarks/diag_llama_down_proj.py [--iters 50] [--variants no-producer-fold,producer-fold,...]
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reparq  # noqa: E402
 from transformers_real import DecoderTask  # noqa: E402
 
-VARIANTS = {
-    "all": {},
-    "down_proj-float": {"ignore": ("*down_proj",)},
-    "o_proj-float": {"ignore": ("*o_proj",)},
-    "consumer-fold": {"consumer_fold": True},
+VARIANTS = {  # repquant's options for each line (the producer fold is the default since 2026-12-07)
+    "no-producer-fold": {"producer_fold": False},
+    "down_proj-float": {"producer_fold": False, "ignore": ("*down_proj",)},
+    "o_proj-float": {"producer_fold": False, "ignore": ("*o_proj",)},
+    "consumer-fold": {"producer_fold": False, "consumer_fold": True},
+    "producer-fold": {},
+    "producer+consumer-fold": {"consumer_fold": True},
 }
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from reparq.eval import peers
+from reparq.eval.latency import cpu_isa
 from reparq.eval.significance import encode_hits
 from reparq.report.results import results_on_disk
 from resumable import CALIB_SIZE, ResumableResults
@@ -380,6 +381,9 @@ class PeersRun:
     def _sections(self, rows: list[dict]) -> str:
         skipped = ["## Skipped / failed (not counted)", ""]
         skipped += [f"- {k}: {v}" for k, v in self.skipped.items()] or ["- none"]
+        timed = sorted({r["timing"] for r in rows if r.get("timing")})
+        skipped += ["", "## Speed rows' settings and CPU", ""] + [f"- {t}" for t in timed or ["none"]]
+        skipped += [f"- CPU of the run that last wrote this file: {cpu_isa()}"]
         return "\n\n".join([summary_section(rows), calib_ratio_section(rows), "\n".join(skipped)])
 
     def row(self, task, made: peers.PeerModel, tool: str, feed: peers.CalibrationFeed,
@@ -466,7 +470,7 @@ class PeersRun:
         """ORT speed of the peers' graphs and reparq's export, timed together against the FP32 graph."""
         import reparq
         from reparq.deploy import ort_runner
-        from reparq.eval.latency import time_interleaved
+        from reparq.eval.latency import int8_instructions, time_interleaved
 
         sessions = {m: got for m, (got, _) in made.items() if got.session is not None}
         if not sessions:
@@ -489,7 +493,7 @@ class PeersRun:
         for method, (_, row) in made.items():
             if method in runs_of:
                 row.update(fp_ms=round(ms["fp"], 2), int8_ms=round(ms[method], 2),
-                           ratio=round(ms[method] / ms["fp"], 3), timing=f"ORT CPU, 1 thread, batch {batch}")
+                           ratio=round(ms[method] / ms["fp"], 3), timing=f"ORT CPU, 1 thread, batch {batch}, int8 path {int8_instructions()}")
                 self.results.add(row)
         print({m: round(v, 2) for m, v in ms.items()}, flush=True)
 

@@ -168,16 +168,20 @@ def test_dual_clip_shared_zero_point_covers_each_channel():
 
 
 def test_llama_repquant_folds_rmsnorm_pairs_without_extra_ops():
-    """On LLaMA every decoder layer's two RMSNorm pairs are reparameterized and folded, with no
-    ShiftedNorm left (one zero point) and layer-wise inputs on the consumers."""
+    """On LLaMA every decoder layer's two RMSNorm pairs and its down_proj input (folded into
+    up_proj) are reparameterized and folded, with no ShiftedNorm left (one zero point), no input
+    affine and layer-wise inputs on the consumers."""
     from reparq.model.postnorm import ShiftedNorm
     from tests.test_hf_adapters import LAYERS, tiny_llama
 
     ids = torch.randint(1, 64, (16, 12), generator=torch.Generator().manual_seed(0))
     q = reparq.quantize(tiny_llama(), {"input_ids": ids}, recipe="repquant", w_bits=4, a_bits=4, iters=4,
                         clip_iters=4, batch_size=8, keep_first_last_8bit=False)
-    assert len(q.reparq_postnorm_pairs) == 2 * LAYERS
+    assert len(q.reparq_postnorm_pairs) == 3 * LAYERS
+    assert sum(p.endswith("mlp.down_proj") for p in q.reparq_postnorm_pairs) == LAYERS
     assert not any(isinstance(m, ShiftedNorm) for m in q.modules())
-    consumers = [q.get_submodule(f"model.layers.{i}.self_attn.q_proj") for i in range(LAYERS)]
+    assert not any(m._modules.get("input_affine") is not None for m in q.modules())
+    consumers = [q.get_submodule(f"model.layers.{i}.{n}") for i in range(LAYERS)
+                 for n in ("self_attn.q_proj", "mlp.down_proj")]
     assert all(c.input_quantizer.scale.numel() == 1 for c in consumers)
     assert bool(torch.isfinite(q(input_ids=ids).logits).all())

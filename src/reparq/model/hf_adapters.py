@@ -58,6 +58,15 @@ class HFFamily:
     exclusive_norms: bool
     not_post_act: tuple[str, ...] = ()
     inner_inputs: tuple[str, ...] = ()  # Linears inside a block that no norm feeds (relative to the block)
+    # (consumer, producer) among the inner inputs whose input is the producer Linear's output
+    # through per-channel ops that commute with a positive per-channel scale: a per-channel
+    # division of the input folds into the producer's rows (:func:`producer_inputs`).
+    producer_inputs: tuple[tuple[str, str], ...] = ()
+    # The block's activation module (relative name) that must be a ReLU for ``producer_inputs`` to
+    # hold (empty: none needed, as LLaMA's gated MLP, whose input to down_proj is linear in
+    # up_proj's output whatever the gate's activation). Read from the module, not the config, so
+    # that the streamed path, which holds one layer at a time, sees it too.
+    relu_module: str = ""
     # Post-LN: the norm (relative to a block) whose output is the next block's input and so feeds
     # its ``qkv``; ``first_qkv_norm`` (a full-name suffix) feeds the first block's, if any.
     qkv: tuple[str, ...] = ()
@@ -75,6 +84,7 @@ _LLAMA = HFFamily(
                     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
     exclusive_norms=True,
     inner_inputs=("self_attn.o_proj", "mlp.down_proj"),
+    producer_inputs=(("mlp.down_proj", "mlp.up_proj"),),  # act(gate(x)) * up(x): linear in up's output
 )
 _OPT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
@@ -108,6 +118,8 @@ HF_FAMILIES: dict[str, HFFamily] = {
         norm_consumers=(("self_attn_layer_norm", _OPT_QKV), ("final_layer_norm", ("fc1",))),
         exclusive_norms=True,
         inner_inputs=("self_attn.out_proj", "fc2"),
+        producer_inputs=(("fc2", "fc1"),),  # relu(fc1(x)): ReLU is positively homogeneous
+        relu_module="activation_fn",
     ),
 }
 # The families that are LLaMA's table but for the attention class: same layer layout and names.
@@ -351,6 +363,19 @@ def inner_inputs(model: nn.Module) -> list[str]:
     if family is None:
         return []
     return [f"{b}.{rel}" for b in blocks for rel in _spec(model, family).inner_inputs if f"{b}.{rel}" in modules]
+
+
+def producer_inputs(model: nn.Module) -> list[tuple[str, str]]:
+    """Full (consumer, producer) names of the inner inputs that can take a per-channel division in
+    the producer's rows (LLaMA's up_proj -> down_proj, OPT's fc1 -> ReLU -> fc2); none in a block
+    whose activation is not a ReLU (GELU does not commute with a positive scale)."""
+    family, modules, blocks = _family_blocks(model)
+    if family is None:
+        return []
+    spec = _spec(model, family)
+    return [(f"{b}.{c}", f"{b}.{p}") for b in blocks for c, p in spec.producer_inputs
+            if f"{b}.{c}" in modules and f"{b}.{p}" in modules
+            and (not spec.relu_module or isinstance(modules.get(f"{b}.{spec.relu_module}"), nn.ReLU))]
 
 
 def norm_consumers(model: nn.Module) -> list[tuple[str, list[str], bool]]:

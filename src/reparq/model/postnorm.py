@@ -82,6 +82,10 @@ class NormPair:
     norm: str
     consumers: tuple[str, ...]
     exclusive: bool = True
+    # A Linear whose output rows can take the division instead (no norm, no input affine): the
+    # consumers read its output through per-channel ops that commute with a positive scale
+    # (:func:`find_producer_groups`, :func:`fold_into_producer`).
+    producer: str = ""
 
     @property
     def key(self) -> str:
@@ -149,6 +153,22 @@ def find_consumer_side_groups(model: nn.Module) -> list[NormPair]:
              for rel in INNER_INPUTS.get(type(module).__name__, ())]
     names += inner_inputs(model)
     groups += [NormPair("", (n,), exclusive=False) for n in names if isinstance(modules.get(n), nn.Linear)]
+    return groups
+
+
+def find_producer_groups(model: nn.Module) -> list[NormPair]:
+    """Inner inputs whose per-channel division folds into the Linear that produced them: LLaMA's
+    down_proj (its input ``act(gate(x)) * up(x)`` is linear in up_proj's output) and OPT's fc2
+    (``relu(fc1(x))``, ReLU commutes with a positive scale), from the family tables. Only pairs of
+    Linears of matching width are kept."""
+    from reparq.model.hf_adapters import producer_inputs
+
+    modules = dict(model.named_modules())
+    groups = []
+    for consumer, producer in producer_inputs(model):
+        c, p = modules.get(consumer), modules.get(producer)
+        if isinstance(c, nn.Linear) and isinstance(p, nn.Linear) and p.out_features == c.in_features:
+            groups.append(NormPair("", (consumer,), exclusive=False, producer=producer))
     return groups
 
 
@@ -287,6 +307,29 @@ def fold_at_consumers(consumers: list[nn.Linear], scale: torch.Tensor, zero_poin
     return s_t, z_t
 
 
+@torch.no_grad()
+def fold_into_producer(producer: nn.Linear, consumers: list[nn.Linear], scale: torch.Tensor,
+                       zero_point: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversion when the consumers' input is a per-channel-homogeneous function of one
+    Linear's output (SmoothQuant's migration, made exact and free): the producer's output row c
+    (weight and bias) is divided by ``r1_c`` and the consumers' input column c multiplied by it, so
+    the float model is unchanged and the consumers' input is the per-channel one divided by ``r1``.
+    Needs one zero point for all channels (the shift ``s * r2`` would have to be added after the
+    nonlinearity, where nothing can hold it). The producer's per-output-channel weight grid is
+    unchanged by a row scaling; its ranges are re-initialized anyway. Returns ``(s~, z~)``."""
+    s_t, z_t, r1, shift = _fold_factors(consumers, scale, zero_point, bits)
+    if bool((shift != 0).any()):
+        raise ReparqError("a fold into the producer needs one zero point for all channels; calibrate with "
+                          "shared_zero_point_params")
+    if producer.out_features != r1.numel():
+        raise ReparqError(f"producer has {producer.out_features} outputs but the quantizer has {r1.numel()} channels")
+    producer.weight.copy_((producer.weight.double() / r1[:, None]).to(producer.weight.dtype))
+    if producer.bias is not None:
+        producer.bias.copy_((producer.bias.double() / r1).to(producer.bias.dtype))
+    _fold_into_weights(consumers, r1, shift)
+    return s_t, z_t
+
+
 def add_folded_biases(model: nn.Module, state_keys) -> list[str]:
     """Give a bias to each bias-free Linear for which a saved state has one (the fold adds a bias
     to a consumer that had none, e.g. Swin's patch-merging ``reduction``), so the state loads.
@@ -321,5 +364,6 @@ def fold_rmsnorm(norm: nn.Module, consumers: list[nn.Linear], scale: torch.Tenso
 
 
 __all__ = ["FoldResult", "add_folded_biases", "INNER_INPUTS", "NORM_CONSUMERS", "NormPair", "ShiftedNorm",
-           "find_consumer_side_groups", "find_postnorm_pairs", "fold_at_consumers", "fold_postnorm", "fold_rmsnorm",
+           "find_consumer_side_groups", "find_postnorm_pairs", "find_producer_groups", "fold_at_consumers",
+           "fold_into_producer", "fold_postnorm", "fold_rmsnorm",
            "is_norm", "layerwise_params", "register_norm_consumers", "shared_zero_point_params"]

@@ -77,6 +77,16 @@ def _transformer_sites(model: nn.Module) -> tuple[set[str], list[str]]:
     return consumers, attention
 
 
+def _producer_sites(model: nn.Module, recipe: str | None, options) -> dict[str, str]:
+    """Consumer -> producer of the inner inputs the recipe folds into their producer (repquant by
+    default, repqvit with ``producer_fold``)."""
+    from reparq.model.postnorm import find_producer_groups
+    from reparq.recipes.repqvit import producer_fold_for
+
+    wanted = producer_fold_for(options) if options is not None else recipe == "repquant"
+    return {g.consumers[0]: g.producer for g in find_producer_groups(model)} if wanted else {}
+
+
 def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | None = None,
          stage_globs: tuple[str, ...] | None = None, recipe: str | None = None, options=None) -> dict:
     """Rows for every quantized layer (with its unit and stage) and every quantization point,
@@ -103,6 +113,7 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
         units, unit_error = [], str(exc)
     unit_of = {layer: u for u in units for layer in u.layers}
     consumers, attention = _transformer_sites(merged) if {"post-norm", "attention"} & set(transforms) else (set(), [])
+    produced = _producer_sites(merged, recipe, options) if "post-norm" in transforms else {}
     percentile_search = getattr(options, "ranges", None) == "percentile"
     w_est = "minmax" if config.w_estimator == "percentile" else config.w_estimator
     if percentile_search:
@@ -132,6 +143,14 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
         if name in consumers and a < KEEP_BITS:
             w_reparam.append("post-norm (W·r1)")
             a_reparam.append("post-norm")
+            a_gran = "per-channel→per-tensor"
+            if "dual-clip" in transforms:
+                a_reparam.append("dual-clip")
+        if name in produced.values():
+            w_reparam.append("producer fold (out ÷ r1)")
+        if name in produced and a < KEEP_BITS:
+            w_reparam.append("producer fold (W·r1)")
+            a_reparam.append("producer fold")
             a_gran = "per-channel→per-tensor"
             if "dual-clip" in transforms:
                 a_reparam.append("dual-clip")

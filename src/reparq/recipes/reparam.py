@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 
 from reparq.config import QuantConfig
-from reparq.model.postnorm import (NormPair, find_consumer_side_groups, find_postnorm_pairs, fold_at_consumers,
-                                   fold_postnorm, norm_has_bias, shared_zero_point_params)
+from reparq.model.postnorm import (NormPair, find_consumer_side_groups, find_postnorm_pairs, find_producer_groups,
+                                   fold_at_consumers, fold_into_producer, fold_postnorm, norm_has_bias,
+                                   shared_zero_point_params)
 from reparq.nn.qmodules import QuantizedLayer, quantized_layers
 from reparq.parallel import gather_cat
 from reparq.quant.dual_clip import DualClipQuantizer
@@ -77,14 +78,20 @@ def grid_consumers(layers: list[QuantizedLayer]) -> list[QuantizedLayer]:
     return [l for l in layers if l.input_quantizer.bits == bits]
 
 
-def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | None = False) -> list[NormPair]:
+def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | None = False,
+                   producer_fold: bool = False) -> list[NormPair]:
     """The groups a transformer recipe calibrates per channel: post-norm pairs that fold into
-    their norm (``norms``) and, with ``consumer_fold``, the inputs that fold only at the consumer.
-    ``consumer_fold=None`` ("auto"): only on post-LN models (BERT), whose norms all feed the
-    residual, so that without it nothing there would be calibrated per channel."""
+    their norm (``norms``), with ``producer_fold`` the inner inputs that fold into the Linear that
+    produced them (LLaMA's down_proj into up_proj, OPT's fc2 into fc1) and, with
+    ``consumer_fold``, the inputs that fold only at the consumer (an input affine; not for those
+    a producer takes). ``consumer_fold=None`` ("auto"): only on post-LN models (BERT), whose norms
+    all feed the residual, so that without it nothing there would be calibrated per channel."""
     pairs = find_postnorm_pairs(model) if norms else []
+    produced = find_producer_groups(model) if producer_fold else []
+    pairs += produced
     if consumer_fold or (consumer_fold is None and is_post_ln(model)):
-        pairs += find_consumer_side_groups(model)
+        taken = {c for g in produced for c in g.consumers}
+        pairs += [g for g in find_consumer_side_groups(model) if not taken.intersection(g.consumers)]
     return quantizable_pairs(model, pairs)
 
 
@@ -269,7 +276,9 @@ def calibrate_postnorm(model: nn.Module, pairs: list[NormPair], rows: dict[str, 
         # A norm without a bias (RMSNorm) has nowhere to put the fold's shift: one zero point for
         # all channels makes the shift vanish, so the fold adds no op (postnorm module docstring).
         # A consumer-side fold carries its shift in the input affine.
-        one_zero_point = pair.folds_into_norm and not norm_has_bias(model.get_submodule(pair.norm))
+        # A producer fold likewise (the shift would sit after the producer's nonlinearity).
+        one_zero_point = bool(pair.producer) or \
+            (pair.folds_into_norm and not norm_has_bias(model.get_submodule(pair.norm)))
         if one_zero_point and not learnable:
             scale, zp = shared_zero_point_params(lo, hi, bits)
         if learnable:  # the bounds come from CPU-held statistics; they learn where the quantizer computes
@@ -307,6 +316,9 @@ def fold_postnorm_pairs(model: nn.Module, pairs: list[NormPair]) -> list[str]:
             if result.norm is not model.get_submodule(pair.norm):
                 _set_submodule(model, pair.norm, result.norm)
             s_t, z_t = result.scale, result.zero_point
+        elif pair.producer:
+            s_t, z_t = fold_into_producer(model.get_submodule(pair.producer), layers, scale, zp, aq.bits)
+            changed.append(pair.producer)  # its rows changed: its weight ranges are re-initialized too
         else:
             s_t, z_t = fold_at_consumers(layers, scale, zp, aq.bits)
         for layer in layers:

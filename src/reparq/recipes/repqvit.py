@@ -51,6 +51,10 @@ class RepQViTOptions:
     # True: also the Linear inputs that only a consumer-side fold can serve (post-LN norms that
     # feed the residual, the attention output projection, fc2), at one float multiply-add each.
     consumer_fold: bool = False
+    # True: also the inner inputs whose per-channel division folds into the Linear that produced
+    # them (LLaMA's down_proj into up_proj, OPT's fc2 into fc1): exact and free at run time. Not in
+    # the RepQ-ViT paper, so off here; ``repquant`` turns it on (see RepQuantOptions).
+    producer_fold: bool | None = False
     # How much of those inputs' channel spread moves into the weights (1: all, as the norm fold);
     # None: the strength with the least consumer output error, per group (reparam.ALPHAS).
     consumer_alpha: float | None = None
@@ -85,7 +89,8 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
                            params_fn=percentile_activation_params if percentile else None, observer_index=observer_index)
     if options.probs == "auto":
         choose_probability_grids(model, batches, seed=seed)
-    pairs = reparam_groups(model, norms=options.reparam, consumer_fold=options.consumer_fold)
+    pairs = reparam_groups(model, norms=options.reparam, consumer_fold=options.consumer_fold,
+                           producer_fold=producer_fold_for(options))
     if pairs:
         reporter.stage("post-norm statistics", total=1)
         calibrate_postnorm_in_passes(model, pairs, batches, options.max_rows, seed=seed,
@@ -93,6 +98,11 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
                                      consumer_alpha=options.consumer_alpha)
         reporter.advance(1)
     return pairs
+
+
+def producer_fold_for(options) -> bool:
+    """Whether ``options`` fold inner inputs into their producers (``producer_fold``; None: on)."""
+    return getattr(options, "producer_fold", False) is not False
 
 
 def fold_and_reinit(model: nn.Module, pairs, config: QuantConfig, options) -> None:
@@ -119,4 +129,4 @@ def repqvit(model: nn.Module, batches, config: QuantConfig, seed: int = 0, repor
     return model
 
 
-__all__ = ["RepQViTOptions", "fold_and_reinit", "prepare_transformer", "uses_percentile_ranges"]
+__all__ = ["RepQViTOptions", "fold_and_reinit", "prepare_transformer", "producer_fold_for", "uses_percentile_ranges"]

@@ -48,7 +48,7 @@ from reparq.recipes.calibrate import activation_quantizers, set_quant_enabled
 from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.reconstruct import _first, _set_units_quant, reconstruct_unit
 from reparq.recipes.reparam import reparam_groups
-from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer
+from reparq.recipes.repqvit import fold_and_reinit, prepare_transformer, producer_fold_for
 from reparq.recipes.repquant import clip_iters_for, drop_prob_for, gptq_for
 from reparq.stream.checkpoint import LazyCheckpoint
 from reparq.stream.skeleton import (build_skeleton, decoder_layers, final_norm, first_layer_inputs, free, load_config,
@@ -103,7 +103,8 @@ def _plan(skeleton: nn.Module, config, options) -> Plan:
     adapt_attention(q, config.a_bits, probs="logsqrt2" if options.probs == "auto" else options.probs,
                     ignore=config.ignore)
     units = discover_units(q)  # decoder layers, then lm_head: execution order
-    pairs = reparam_groups(q, norms=options.reparam, consumer_fold=getattr(options, "consumer_fold", False))
+    pairs = reparam_groups(q, norms=options.reparam, consumer_fold=getattr(options, "consumer_fold", False),
+                           producer_fold=producer_fold_for(options))
     return Plan(bits, {n: i for i, (n, _) in enumerate(activation_quantizers(q))},
                 {u.name: k for k, u in enumerate(units)}, {u.name: u.stage for u in units}, bool(pairs))
 
