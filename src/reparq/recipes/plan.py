@@ -140,20 +140,16 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
             a_reparam.append("equalize (÷ s)")
         if "qprep" in transforms and type(layer).__name__ == "QConv2d" and w < KEEP_BITS:
             w_reparam.append("QPRep")
-        if name in consumers and a < KEEP_BITS:
-            w_reparam.append("post-norm (W·r1)")
-            a_reparam.append("post-norm")
+        # A per-channel input folded to one grid: after a norm, or into the Linear that produced it.
+        fold = "post-norm" if name in consumers else "producer fold" if name in produced else None
+        if fold and a < KEEP_BITS:
+            w_reparam.append(f"{fold} (W·r1)")
+            a_reparam.append(fold)
             a_gran = "per-channel→per-tensor"
             if "dual-clip" in transforms:
                 a_reparam.append("dual-clip")
         if name in produced.values():
             w_reparam.append("producer fold (out ÷ r1)")
-        if name in produced and a < KEEP_BITS:
-            w_reparam.append("producer fold (W·r1)")
-            a_reparam.append("producer fold")
-            a_gran = "per-channel→per-tensor"
-            if "dual-clip" in transforms:
-                a_reparam.append("dual-clip")
         w_gran = "per-channel" if config.w_per_channel else "per-tensor"
         points.append(_point(f"{name}.weight", name, "weight", w, w_gran, w_est, w_reparam))
         points.append(_point(f"{name}.input", name, "input", a, a_gran, a_est, a_reparam))
