@@ -33,7 +33,8 @@ from reparq.zoo.registry import checkpoint_path
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("llama_fm", "opt_fm")
-SCHEMES = {"W4A16": (4, 16), "W8A8": (8, 8)}
+SCHEMES = {"W4A16": (4, 16), "W4A16-g128": (4, 16), "W4A16-g32": (4, 16), "W8A8": (8, 8)}
+GROUP_SIZE = {"W4A16-g128": 128, "W4A16-g32": 32}  # w_group_size: compressed-tensors' "group" strategy
 COLUMNS = ("ppl_reparq", "ppl_hf", "rel_diff_pct", "max_logit_diff",
            "size_mb", "size_qemb_mb", "fp_size_mb", "ratio", "ratio_qemb", "linear_ratio", "note")
 NOTES = """Rows: perplexity of reparq's fake-quant model (`ppl_reparq`) and of the export as transformers
@@ -44,7 +45,9 @@ Calibration: {calib} random training windows, seed {seed}; repquant with {iters}
 per block (at W4A16 its weight phase rounds by GPTQ, the recipe's "auto"). The attention matmuls stay
 float (`ignore=('*self_attn',)`): the format has no place for reparq's quantized q, k, v and log2
 probabilities. reparq keeps its first and last quantized layers at 8 bits (`keep_first_last_8bit`), so
-W4A16 holds two 8-bit groups and `lm_head` is 8-bit.
+W4A16 holds two 8-bit groups and `lm_head` is 8-bit. `W4A16-g128` / `-g32`: the same with grouped weight
+scales (`w_group_size`; one scale per 128 / 32 input columns of each output row, every quantized
+Linear, `lm_head` too), written as compressed-tensors' `group` strategy.
 
 Sizes (MiB): `size_mb` is the default export (vLLM-loadable: the tied embedding untied and stored in
 float32, because it holds reparq's quantized output matrix, which float16 does not hold exactly);
@@ -85,6 +88,8 @@ def measure(name: str, recipe: str, scheme: str, calib: torch.Tensor, held: torc
 
     w, a = SCHEMES[scheme]
     options = {"ignore": ("*self_attn",)} if a < 16 else {}
+    if scheme in GROUP_SIZE:
+        options["w_group_size"] = GROUP_SIZE[scheme]
     if recipe == "repquant":
         options["iters"] = args.iters
     row = {"model": name, "method": recipe, "scheme": scheme, "w_bits": w, "a_bits": a, "seed": args.seed,

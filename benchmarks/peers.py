@@ -51,13 +51,16 @@ MODELS = (*ZOO, "minilm", "llama_fm")
 REPARQ = "reparq"  # --methods name of reparq's own row; its method column is the recipe the preset picked
 # reparq's W4A16 row on the decoders (repquant, weight-only: GPTQ rounding), beside the 4-bit weight-only peers
 REPARQ_W4 = "reparq-w4a16"
-ORDER = ("repapq", "repquant", "nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy",
+# the same with grouped weight scales, at the peers' group sizes (INC's RTN/GPTQ default 32, NNCF's 128)
+REPARQ_W4_GROUPS = {"reparq-w4a16-g32": 32, "reparq-w4a16-g128": 128}
+ORDER = ("repapq", "repquant", "repquant-g32", "repquant-g128", "nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy",
          "inc-default", "nncf-int4", "nncf-int4-awq", "inc-rtn", "inc-gptq")
 
 
 def bits_of(method: str) -> tuple[int, int]:
     """(w_bits, a_bits) of a --methods name: the weight-only methods are W4A16, the rest W8A8."""
-    return (4, 16) if method == REPARQ_W4 or method in peers.WEIGHT_ONLY_METHODS else (8, 8)
+    weight_only = method == REPARQ_W4 or method in REPARQ_W4_GROUPS or method in peers.WEIGHT_ONLY_METHODS
+    return (4, 16) if weight_only else (8, 8)
 EXTRA = ("tool", "runtime", "calib_samples", "nn_agreement", "quant_ort", "fp_ms", "int8_ms", "ratio", "settings")
 
 
@@ -434,6 +437,13 @@ class PeersRun:
                                                     a_bits=16)
                         got.predict = peers.torch_predict(task.wrap(got.qmodel))
                         tool = "reparq"
+                    elif method in REPARQ_W4_GROUPS:
+                        got = peers.quantize_reparq(task.net, feed, config=None, seed=self.args.seed,
+                                                    input_names=task.reparq_inputs, recipe="repquant", w_bits=4,
+                                                    a_bits=16, w_group_size=REPARQ_W4_GROUPS[method])
+                        got.method = f"repquant-g{REPARQ_W4_GROUPS[method]}"
+                        got.predict = peers.torch_predict(task.wrap(got.qmodel))
+                        tool = "reparq"
                     else:
                         if method.startswith("ort-") and fp_onnx is None:
                             peers.require("onnxruntime")
@@ -458,6 +468,8 @@ class PeersRun:
         """The key a method's row has (reparq's: the preset's recipe), to skip rows already measured."""
         if method == REPARQ_W4:
             return (task.name, "repquant", 4, 16, self.args.seed)
+        if method in REPARQ_W4_GROUPS:
+            return (task.name, f"repquant-g{REPARQ_W4_GROUPS[method]}", 4, 16, self.args.seed)
         if method != REPARQ:
             return (task.name, method, *bits_of(method), self.args.seed)
         from reparq.runconfig import quantize_arguments
@@ -501,9 +513,10 @@ class PeersRun:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS, REPARQ_W4,
+    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS, REPARQ_W4, *REPARQ_W4_GROUPS,
                                                          *peers.WEIGHT_ONLY_METHODS],
-                        help=f"{REPARQ} (the w8a8 preset), {REPARQ_W4} (repquant W4A16, decoders) and peer methods: "
+                        help=f"{REPARQ} (the w8a8 preset), {REPARQ_W4} (repquant W4A16, decoders; "
+                             f"{', '.join(REPARQ_W4_GROUPS)}: with grouped weight scales) and peer methods: "
                              f"{', '.join(peers.PEER_METHODS + peers.WEIGHT_ONLY_METHODS)} (the last four: "
                              "4-bit weight-only, decoders)")
     parser.add_argument("--calib-size", type=int, default=CALIB_SIZE, help="zoo calibration images")

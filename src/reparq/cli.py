@@ -113,6 +113,7 @@ def _run(model: str, recipes: list[str], bits: list[str], seed: int, calib_size:
 
 
 MODEL_HELP = "zoo:NAME | timm:NAME (with --weights) | hf:DIR | module:function | file.py:function (default zoo:repvgg_fm)"
+GROUP_HELP = "weight scales per N input columns of each Linear (W4A16 LLMs: 32-128; default: one per channel)"
 CALIB_HELP = "zoo:fashion_mnist | images:DIR | text:FILE | tensor:FILE (default zoo:fashion_mnist)"
 
 
@@ -129,6 +130,7 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="list every quantization point; calibrate nothing"),
     blocks: str = typer.Option("", "--blocks", help="comma-separated globs naming the blocks (default: the family table, else repeated modules)"),
     iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
+    w_group_size: Optional[int] = typer.Option(None, "--w-group-size", help=GROUP_HELP),
     save_dir: Optional[str] = typer.Option(None, "--save", help="write the quantized model to this directory"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a shipped preset, e.g. w4a4, rep-w4a4-fast"),
     config_file: Optional[str] = typer.Option(None, "--config", "-c", help="a run config YAML; flags override it"),
@@ -140,7 +142,8 @@ def quantize(
     from reparq.sources import load_model_source
 
     run = from_cli(config_file, preset, model=model, weights=weights, recipe=recipe, w_bits=w_bits, a_bits=a_bits,
-                   seed=seed, calib=calib, calib_size=calib_size, iters=iters, blocks=blocks)
+                   seed=seed, calib=calib, calib_size=calib_size, iters=iters, blocks=blocks,
+                   w_group_size=w_group_size)
     if dry_run:
         _dry_run(run, as_json)
         return
@@ -258,6 +261,7 @@ def report(
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_size: Optional[int] = typer.Option(None, "--calib-size"),
     iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction iterations per block"),
+    w_group_size: Optional[int] = typer.Option(None, "--w-group-size", help=GROUP_HELP),
     blocks: str = typer.Option("", "--blocks", help="comma-separated block globs (default: the family table, else repeated modules)"),
     weights: Optional[str] = typer.Option(None, "--weights", help="local weights file for timm:NAME"),
     eval_size: int = typer.Option(2000, "--eval-size", help="held-out samples for the accuracy table"),
@@ -271,7 +275,8 @@ def report(
     from reparq.runconfig import from_cli
 
     run = from_cli(config_file, preset, model=model, weights=weights, recipe=recipe, w_bits=w_bits, a_bits=a_bits,
-                   seed=seed, calib=calib, calib_size=calib_size, iters=iters, blocks=blocks)
+                   seed=seed, calib=calib, calib_size=calib_size, iters=iters, blocks=blocks,
+                   w_group_size=w_group_size)
     command = _invocation(ctx)
     with _progress(quiet or as_json) as bar:
         data, files = run_report(run, out, command, eval_size=eval_size, top=max(1, top), reporter=RichReporter(bar))
@@ -528,6 +533,7 @@ def stream(
     batch_size: int = typer.Option(8, "--batch-size"),
     iters: Optional[int] = typer.Option(None, "--iters", help="repquant: weight reconstruction steps per layer"),
     clip_iters: Optional[int] = typer.Option(None, "--clip-iters", help="repquant: dual-clipping steps per layer"),
+    w_group_size: Optional[int] = typer.Option(None, "--w-group-size", help=GROUP_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
     work_dir: Optional[str] = typer.Option(None, "--work-dir", help="resume state (default OUT/.stream-state)"),
     restart: bool = typer.Option(False, "--restart", help="ignore a previous run's state and start over"),
@@ -542,7 +548,8 @@ def stream(
     from reparq.sources import load_calibration
     from reparq.stream import quantize_streamed
 
-    options = {k: v for k, v in (("iters", iters), ("clip_iters", clip_iters)) if v is not None}
+    options = {k: v for k, v in (("iters", iters), ("clip_iters", clip_iters), ("w_group_size", w_group_size))
+               if v is not None}
     spec = SimpleNamespace(source=calib, size=calib_size, seq_len=seq_len)
     ids = load_calibration(spec, model_source=f"hf:{model_dir}", seed=seed)
     with data_parallel() as dp, _progress(quiet or (dp is not None and dp.rank > 0)) as bar:

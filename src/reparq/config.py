@@ -19,6 +19,9 @@ class QuantConfig:
     quantize them at the requested bits too.
     ``overrides``: ``{glob on module names: (w_bits, a_bits)}``, applied after that default.
     ``ignore``: globs of module names left in float.
+    ``w_group_size``: one weight scale per ``w_group_size`` input columns of each Linear's output
+    row instead of one per row (weight-only 4-bit LLMs: 32-128 is usual); Conv2d layers stay per
+    channel. Needs ``w_per_channel``.
     ``strict``: fail on weight-carrying layer types the pass cannot quantize, instead of
     leaving them in float.
     """
@@ -29,6 +32,7 @@ class QuantConfig:
     a_estimator: str = "minmax"
     percentile: float = 99.99
     w_per_channel: bool = True
+    w_group_size: int | None = None
     keep_first_last_8bit: bool = True
     ignore: tuple[str, ...] = ()
     overrides: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -43,6 +47,12 @@ class QuantConfig:
                 raise ReparqError(f"{key} must be one of {', '.join(ESTIMATORS)}, got {getattr(self, key)!r}")
         if not (50.0 < self.percentile <= 100.0) or math.isnan(self.percentile):
             raise ReparqError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.w_group_size is not None:
+            if not isinstance(self.w_group_size, int) or isinstance(self.w_group_size, bool) or self.w_group_size < 2:
+                raise ReparqError(f"w_group_size must be an integer >= 2 (or None for one scale per channel), "
+                                  f"got {self.w_group_size!r}")
+            if not self.w_per_channel:
+                raise ReparqError("w_group_size needs per-channel weights (w_per_channel=True)")
         self.ignore = tuple(self.ignore)
         for pattern, bits in self.overrides.items():
             if not (isinstance(bits, (tuple, list)) and len(bits) == 2):

@@ -370,7 +370,8 @@ DEFAULT_MODEL = "zoo:repvgg_fm"
 def from_cli(config_file: str | None = None, preset: str | None = None, *, model: str | None = None,
              weights: str | None = None, recipe: str | None = None, w_bits: int | None = None,
              a_bits: int | None = None, seed: int | None = None, calib: str | None = None,
-             calib_size: int | None = None, iters: int | None = None, blocks: str = "") -> RunConfig:
+             calib_size: int | None = None, iters: int | None = None, blocks: str = "",
+             w_group_size: int | None = None) -> RunConfig:
     """The run the flags describe: ``--config`` or ``--preset`` first, then each flag given on top.
 
     A family-free preset (``w4a4``) builds the model to pick its family.
@@ -397,6 +398,8 @@ def from_cli(config_file: str | None = None, preset: str | None = None, *, model
     final_recipe = recipe or run.recipe
     if options and _known_recipe(final_recipe) and _recipe_spec(final_recipe).options is None:
         raise ReparqError(f"--iters/--blocks apply to reconstruction recipes only, not {final_recipe}")
+    if w_group_size is not None:  # a QuantConfig field: any recipe takes it
+        options["w_group_size"] = w_group_size
     calib_changes = {k: v for k, v in (("source", calib), ("size", calib_size)) if v is not None}
     return run.updated(model=source, weights=weights, recipe=recipe, w_bits=w_bits, a_bits=a_bits, seed=seed,
                        calib=calib_changes, options=options)

@@ -151,7 +151,8 @@ class Plan:
         # quantized nn.Embedding; vLLM does not quantize embeddings).
         lm_head = self.schemes.get("lm_head")
         # naive-quantized: an int8 ``weight`` (transformers' init of an Embedding needs one)
-        self.embed_scheme = LayerScheme(lm_head.w_bits, lm_head.w_strategy, FLOAT_BITS, storage="naive-quantized") \
+        self.embed_scheme = LayerScheme(lm_head.w_bits, lm_head.w_strategy, FLOAT_BITS, storage="naive-quantized",
+                                        group_size=lm_head.group_size) \
             if self.untie and quantize_embedding and lm_head is not None else None
         self.ignore = [n for n in linears if n not in quantized]
         float_keys = {k for k in keys if self.passes(k)}
@@ -207,12 +208,29 @@ def _compressor(fmt: str):
     return BaseCompressor.get_value_from_registry(fmt)
 
 
+def _format_scale(scale: torch.Tensor, scheme: LayerScheme, out_features: int) -> torch.Tensor:
+    """reparq's flat weight scales in the format's shape: ``[out, 1]`` per channel, ``[out, in / g]``
+    per group (reparq stores a row's groups one after another), ``[1]`` per tensor."""
+    scale = scale.float().reshape(-1)
+    if scheme.w_strategy == "channel":
+        return scale.reshape(-1, 1)
+    if scheme.w_strategy == "group":
+        return scale.reshape(out_features, -1)
+    return scale.reshape(1)
+
+
+def _per_weight(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A format-shaped scale broadcast against the weight: groups repeated over their columns."""
+    if scale.ndim == 2 and scale.shape[1] > 1:
+        return scale.repeat_interleave(shape[1] // scale.shape[1], dim=1)
+    return scale if scale.ndim == 2 else scale.reshape(1, 1)
+
+
 def _layer_tensors(name: str, scheme: LayerScheme, ct_scheme, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one quantized layer, from reparq's integers and scales."""
     ints = t[name + ".weight_int"].to(torch.int32)
-    scale = t[name + ".weight_quantizer.scale"].float().reshape(-1)
-    scale = scale.reshape(-1, 1) if scheme.w_strategy == "channel" else scale.reshape(1)
-    weight = ints.float() * (scale if scale.ndim == 2 else scale.reshape(1, 1))  # what reparq's layer multiplies
+    scale = _format_scale(t[name + ".weight_quantizer.scale"], scheme, ints.shape[0])
+    weight = ints.float() * _per_weight(scale, ints.shape)  # what reparq's layer multiplies
     compressor = _compressor(scheme.format)
     local = compressor.compress({"weight": weight, "weight_scale": scale}, ct_scheme)
     back = compressor.decompress(dict(local), ct_scheme)["weight"]
@@ -242,8 +260,9 @@ def _shard_tensors(src_keys: list[str], load, plan: "Plan", ct_schemes: dict) ->
             renamed = {embed + k.removeprefix(name): v for k, v in t.items() if k.startswith(name + ".")}
             out.update(_layer_tensors(embed, plan.embed_scheme, ct_schemes[embed], renamed))
         elif plan.untie and name == "lm_head":  # the embedding reads the quantized matrix, in float
-            ints, scale = t[name + ".weight_int"].float(), t[name + ".weight_quantizer.scale"].float()
-            out[plan.embed_name] = _compact(ints * scale.reshape(-1, 1) if scale.numel() > 1 else ints * scale)
+            ints = t[name + ".weight_int"].float()
+            scale = _format_scale(t[name + ".weight_quantizer.scale"], scheme, ints.shape[0])
+            out[plan.embed_name] = _compact(ints * _per_weight(scale, ints.shape))
     for key in src_keys:
         if plan.passes(key):
             out[key] = _compact(t[key])

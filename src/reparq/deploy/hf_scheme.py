@@ -2,7 +2,7 @@
 cannot be written (refused before anything is written, with what to choose instead).
 
 The format (compressed-tensors, as transformers and vLLM load it) knows integer weights,
-symmetric here, per output channel or per tensor, and integer input activations at 8 bits,
+symmetric here, per output channel, per group of input columns or per tensor, and integer input activations at 8 bits,
 static per tensor (with a zero point when asymmetric) or dynamic per token. Nothing else of
 reparq's deploy form fits: quantized attention matmuls (q, k, post-Softmax probabilities
 with their log2 grid, v), activations below 8 bits, per-channel input quantizers, the input
@@ -32,11 +32,12 @@ class LayerScheme:
     """One layer's scheme: weight bits and granularity, input bits (16: float) and kind."""
 
     w_bits: int
-    w_strategy: str  # "channel" or "tensor"
+    w_strategy: str  # "channel", "group" or "tensor"
     a_bits: int
     a_symmetric: bool = False
     activations: str = "static"
     storage: str | None = None  # a format of its own (the embedding: naive-quantized keeps ``weight``)
+    group_size: int | None = None  # input columns per weight scale (strategy "group")
 
     @property
     def weight_only(self) -> bool:
@@ -59,7 +60,7 @@ class LayerScheme:
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
         weights = QuantizationArgs(num_bits=self.w_bits, type="int", symmetric=True, strategy=self.w_strategy,
-                                   dynamic=False)
+                                   group_size=self.group_size, dynamic=False)
         inputs = None
         if not self.weight_only:
             if self.activations == "dynamic":
@@ -92,7 +93,14 @@ def layer_scheme(name: str, meta: dict, scale_numel: int, out_features: int, act
     if not w["symmetric"]:
         problems.append(f"{name} has asymmetric weights; the export writes symmetric integer weights: quantize "
                         f"with symmetric weights (reparq's default)")
-    if scale_numel == 1:
+    group_size = w.get("group_size")
+    if group_size is not None and scale_numel > 1:
+        w_strategy = "group"
+        if not _is_float(a):
+            problems.append(f"{name} has grouped weight scales (group {group_size}) and quantized inputs; the "
+                            f"runtimes' integer kernels take one weight scale per output channel: quantize W8A8 "
+                            f"without w_group_size, or weight-only (a_bits=16) with it")
+    elif scale_numel == 1:
         w_strategy = "tensor"
     elif scale_numel == out_features and w.get("channel_axis") == 0:
         w_strategy = "channel"
@@ -101,7 +109,7 @@ def layer_scheme(name: str, meta: dict, scale_numel: int, out_features: int, act
                         f"output channel or per tensor can be written")
         w_strategy = "channel"
     if _is_float(a):
-        return LayerScheme(w["bits"], w_strategy, FLOAT_BITS)
+        return LayerScheme(w["bits"], w_strategy, FLOAT_BITS, group_size=group_size if w_strategy == "group" else None)
     if a["bits"] < 8:
         problems.append(f"{name} quantizes its inputs to {a['bits']} bits; the format's integer kernels take 8-bit "
                         f"activations: choose a_bits=8 (W8A8) or weight-only (a_bits=16, W4A16 / W8A16)")

@@ -178,6 +178,10 @@ class _ExportLayer(nn.Module):
             if self.int_weight:
                 if not wq.initialized:
                     raise ReparqError(f"{name}.weight_quantizer has no range yet; export a calibrated model")
+                if wq.group_size is not None:
+                    raise ReparqError(f"{name} has grouped weight scales (w_group_size={wq.group_size}), which the "
+                                      f"ONNX QDQ graph's per-channel integer kernels cannot hold; export it with "
+                                      f"`--format hf` (compressed-tensors), or quantize per channel for ONNX")
                 w_int = wq.to_int(weight)
                 offset = WEIGHT_OFFSET[weight_dtype]
                 scale = wq.scale.detach().reshape(-1).clone()

@@ -27,8 +27,11 @@ _INT_SUFFIX = ".weight_int"
 
 
 def _quantizer_meta(q) -> dict:
-    return {"bits": q.bits, "symmetric": q.symmetric, "narrow": q.narrow, "channel_axis": q.channel_axis,
+    meta = {"bits": q.bits, "symmetric": q.symmetric, "narrow": q.narrow, "channel_axis": q.channel_axis,
             "initialized": q.initialized}
+    if getattr(q, "group_size", None) is not None:  # written only when set: older readers see the same files
+        meta["group_size"] = q.group_size
+    return meta
 
 
 def save(qmodel: nn.Module, directory: str | Path, source: str | None = None) -> Path:
@@ -134,6 +137,7 @@ def _model_from_source(directory: Path, source: str) -> nn.Module:
 
 def _restore_quantizer(q, meta: dict, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
     q.narrow, q.channel_axis = meta["narrow"], meta["channel_axis"]
+    q.group_size = meta.get("group_size")
     if meta["initialized"]:
         q.set_params(scale, zero_point)
 

@@ -40,6 +40,9 @@ def attach_qprep(layer: QuantizedLayer) -> ChannelAffine:
     wq = layer.weight_quantizer
     if not wq.symmetric or wq.channel_axis != 0:
         raise ReparqError("QPRep needs a symmetric per-output-channel weight quantizer")
+    if wq.group_size is not None:
+        raise ReparqError("QPRep folds one gain per output channel into the weight scale; it does not take "
+                          "grouped weight scales (w_group_size): quantize this layer per channel")
     wq.narrow = True
     affine = ChannelAffine(layer.weight.shape[0], axis=1 if isinstance(layer, nn.Conv2d) else -1)
     layer.output_affine = affine

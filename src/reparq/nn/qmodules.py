@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reparq.errors import ReparqError
 from reparq.quant.uniform import UniformQuantizer
 
 
@@ -20,15 +21,25 @@ class QuantizedLayer:
     input_quantizer: UniformQuantizer
 
     @classmethod
-    def from_float(cls, layer: nn.Module, w_bits: int, a_bits: int, w_per_channel: bool = True):
-        """Wrap ``layer``'s own parameters (shared, not copied) with fresh quantizers."""
+    def from_float(cls, layer: nn.Module, w_bits: int, a_bits: int, w_per_channel: bool = True,
+                   w_group_size: int | None = None):
+        """Wrap ``layer``'s own parameters (shared, not copied) with fresh quantizers.
+
+        ``w_group_size`` applies to Linear layers only (groups of input columns); a Conv2d keeps
+        one scale per output channel."""
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.__dict__.update({k: v for k, v in layer.__dict__.items() if not k.startswith("_")})
         q._parameters = dict(layer._parameters)
         q._buffers = dict(layer._buffers)
         # Weights: symmetric signed grid, per output channel (axis 0 for both Conv2d and Linear).
-        q.weight_quantizer = UniformQuantizer(w_bits, symmetric=True, channel_axis=0 if w_per_channel else None)
+        group = w_group_size if isinstance(layer, nn.Linear) and w_per_channel else None
+        if group is not None and layer.in_features % group:
+            raise ReparqError(f"w_group_size={group} does not divide the {layer.in_features} input features of a "
+                              f"{type(layer).__name__}; choose a divisor (e.g. 32, 64 or 128) or leave that layer "
+                              f"per channel with ignore/overrides")
+        q.weight_quantizer = UniformQuantizer(w_bits, symmetric=True, channel_axis=0 if w_per_channel else None,
+                                              group_size=group)
         # Activations: asymmetric unsigned grid with an integer zero-point, per tensor.
         q.input_quantizer = UniformQuantizer(a_bits, symmetric=False, channel_axis=None)
         return q

@@ -44,7 +44,8 @@ class HessianAccumulator:
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
                damp: float = 0.01, act_order: bool = True, block: int = 128) -> torch.Tensor:
     """``weight`` [out, in] rounded onto the symmetric grid ``scale * k`` (``k`` in ``[qmin, qmax]``,
-    ``scale`` per output row or one scalar), minimizing ``||(W - Q) X^T||`` for ``H = X^T X / n``.
+    ``scale`` per output row, one scalar, or one per weight: grouped scales expanded to the weight's
+    shape), minimizing ``||(W - Q) X^T||`` for ``H = X^T X / n``.
 
     ``damp`` adds that fraction of the mean diagonal to ``H`` (a few thousand calibration tokens do
     not pin down a 1536-wide layer's Hessian); ``act_order`` rounds the columns with the largest
@@ -54,16 +55,20 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         raise ReparqError(f"GPTQ needs a [out, in] weight and an [in, in] Hessian, got {tuple(weight.shape)} "
                           f"and {tuple(hessian.shape)}")
     h = hessian.detach().to(torch.float64, copy=True)
-    s = scale.detach().to(torch.float64).reshape(-1)
+    grouped = tuple(scale.shape) == tuple(weight.shape)  # a scale per weight: grouped scales, expanded
+    s = scale.detach().to(torch.float64) if grouped else scale.detach().to(torch.float64).reshape(-1)
     s = s.expand(weight.shape[0]).clone() if s.numel() == 1 else s
-    if s.numel() != weight.shape[0]:
-        raise ReparqError(f"GPTQ needs one scale per output row ({weight.shape[0]}), got {s.numel()}")
+    if not grouped and s.numel() != weight.shape[0]:
+        raise ReparqError(f"GPTQ needs one scale per output row ({weight.shape[0]}) or one per weight (grouped "
+                          f"scales expanded), got {s.numel()}")
     dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(weight.shape[1])
     # Permuted before it is widened, so that one float64 copy of the weight is live, not two (each is
     # 0.5 GB for a 1.1B LLaMA's lm_head, which stays at 8 bits and is rounded here too).
     w = weight.detach()[:, perm].to(torch.float64)
+    if grouped:  # the grid stays fixed (set from the unrounded weight), so act_order only reorders it
+        s = s[:, perm]
     w[:, dead[perm]] = 0.0
     h = h[perm][:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
@@ -76,7 +81,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         hb = hinv[start:end, start:end]
         for j in range(end - start):
             col = wb[:, j]
-            qcol = torch.clamp(torch.round(col / s), qmin, qmax) * s
+            sj = s[:, start + j] if grouped else s
+            qcol = torch.clamp(torch.round(col / sj), qmin, qmax) * sj
             out[:, perm[start + j]] = qcol
             e = (col - qcol) / hb[j, j]
             wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)

@@ -56,15 +56,25 @@ class UniformQuantizer(nn.Module):
 
     ``scale`` is a parameter (frozen unless a recipe makes it learnable); ``zero_point`` is a
     buffer of integer values stored as float so it broadcasts without casts.
+
+    ``group_size`` (weights of a Linear, ``channel_axis=0``): one scale per output row and per
+    run of ``group_size`` input columns, stored flat as ``[out * in / group_size]``. At 4 bits one
+    scale per row lets a row's largest weight set the step for all of it; a scale per 32-128
+    columns follows the weights' local range, which is what weight-only LLM runtimes (GPTQ, AWQ,
+    compressed-tensors' ``group`` strategy) read.
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, channel_axis: int | None = None,
-                 narrow: bool = False) -> None:
+                 narrow: bool = False, group_size: int | None = None) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
         self.narrow = narrow and symmetric
         self.channel_axis = channel_axis
+        if group_size is not None and (channel_axis != 0 or group_size < 1):
+            raise ReparqError(f"group_size needs per-output-channel weights (channel_axis=0) and a positive size, "
+                              f"got group_size={group_size!r}, channel_axis={channel_axis!r}")
+        self.group_size = group_size
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(1))
         self.enabled = True
@@ -101,8 +111,31 @@ class UniformQuantizer(nn.Module):
         self.zero_point = torch.round(zero_point).to(device)
         self.initialized = True
 
+    def _check_groups(self, x: torch.Tensor) -> int:
+        """The number of groups per row of ``x`` [out, in], or an error saying why it does not fit."""
+        if x.ndim != 2 or x.shape[1] % self.group_size:
+            raise ReparqError(f"group_size {self.group_size} needs a [out, in] weight whose in-features it divides, "
+                              f"got shape {tuple(x.shape)}")
+        return x.shape[1] // self.group_size
+
+    def estimation_view(self, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """(data, axis) for a range estimator: with groups, one row per (output row, group), in
+        the order the flat scale vector stores them; otherwise ``x`` on its channel axis."""
+        if self.group_size is None:
+            return x, self.channel_axis
+        self._check_groups(x)
+        return x.reshape(-1, self.group_size), 0
+
     def shaped_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero-point reshaped to broadcast against ``x``."""
+        """Scale and zero-point reshaped to broadcast against ``x`` (with groups: expanded to
+        ``x``'s shape, each group's scale repeated over its columns)."""
+        if self.group_size is not None and self.scale.numel() > 1:
+            groups = self._check_groups(x)
+            if self.scale.numel() != x.shape[0] * groups:
+                raise ReparqError(f"quantizer has {self.scale.numel()} group scales, which do not fit a weight of "
+                                  f"shape {tuple(x.shape)} in groups of {self.group_size}")
+            return tuple(p.reshape(x.shape[0], groups, 1).expand(-1, -1, self.group_size).reshape(x.shape)
+                         for p in (self.scale, self.zero_point))
         if self.scale.numel() == 1:
             shape = [1] * x.ndim
         elif self.channel_axis is None or self.scale.numel() != x.shape[self.channel_axis]:
@@ -132,5 +165,7 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
+        if self.group_size is not None:
+            gran = f"group({self.group_size})"
         narrow = ", narrow" if self.narrow else ""
         return f"bits={self.bits}, symmetric={self.symmetric}{narrow}, granularity={gran}, enabled={self.enabled}"

@@ -41,7 +41,8 @@ def init_weight_ranges(model: nn.Module, config: QuantConfig) -> None:
         wq = layer.weight_quantizer
         if wq.is_float:
             continue
-        scale, zp = estimate_params(layer.weight, estimator, wq.bits, wq.symmetric, wq.channel_axis, narrow=wq.narrow)
+        data, axis = wq.estimation_view(layer.weight)  # with groups: one row per (output row, group)
+        scale, zp = estimate_params(data, estimator, wq.bits, wq.symmetric, axis, narrow=wq.narrow)
         wq.set_params(scale, zp)
 
 

@@ -132,7 +132,8 @@ def gptq_unit(module: nn.Module, layers: dict[str, QuantizedLayer], q_in: Tensor
             target = (target + correction).to(layer.weight.dtype)
             del correction
         wq = layer.weight_quantizer
-        rounded = gptq_round(target, h, wq.scale.cpu(), wq.qmin, wq.qmax, damp=damp, act_order=act_order)
+        grid = wq.shaped_params(target)[0] if wq.group_size is not None else wq.scale
+        rounded = gptq_round(target, h, grid.detach().cpu(), wq.qmin, wq.qmax, damp=damp, act_order=act_order)
         del target
         layer.weight.data.copy_(rounded.to(layer.weight.device))
     return set(todo)

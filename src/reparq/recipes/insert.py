@@ -70,5 +70,6 @@ def insert_quantizers(model: nn.Module, config: QuantConfig,
     for name in names:
         module = model.get_submodule(name)
         w_bits, a_bits = bits[name]
-        _set_submodule(model, name, QUANTIZED_TYPES[type(module)].from_float(module, w_bits, a_bits, config.w_per_channel))
+        qcls = QUANTIZED_TYPES[type(module)]
+        _set_submodule(model, name, qcls.from_float(module, w_bits, a_bits, config.w_per_channel, config.w_group_size))
     return bits

@@ -352,10 +352,11 @@ def init_weight_ranges_for(model: nn.Module, config: QuantConfig, names: list[st
         wq = layer.weight_quantizer
         if wq.is_float or (wanted is not None and name not in wanted):
             continue
+        data, axis = wq.estimation_view(layer.weight)
         if percentile:
-            scale, zp = percentile_search_params(layer.weight, wq.bits, True, wq.channel_axis, narrow=wq.narrow)
+            scale, zp = percentile_search_params(data, wq.bits, True, axis, narrow=wq.narrow)
         else:
-            scale, zp = estimate_params(layer.weight, estimator, wq.bits, wq.symmetric, wq.channel_axis, narrow=wq.narrow)
+            scale, zp = estimate_params(data, estimator, wq.bits, wq.symmetric, axis, narrow=wq.narrow)
         wq.set_params(scale, zp)
 
 
