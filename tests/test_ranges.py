@@ -36,11 +36,27 @@ def test_minmax_asymmetric_exact():
 def test_minmax_symmetric_exact():
     x = f32(-1.0, 0.5, 3.0)
     scale, zp = minmax_params(x, 8, symmetric=True)
-    # scale = max(|lo|, hi) / ((qmax - qmin) / 2) = 3 / 127.5
-    assert torch.equal(scale, f32(3.0) / 127.5)
+    # the smallest step whose grid [-128 s, 127 s] covers [lo, hi]: max(1 / 128, 3 / 127)
+    assert torch.equal(scale, f32(3.0) / 127)
     assert zp.tolist() == [0.0]
     scale4, _ = minmax_params(x, 4, symmetric=True)
-    assert torch.equal(scale4, f32(3.0) / 7.5)
+    assert torch.equal(scale4, f32(3.0) / 7)
+    # a negative extreme uses the grid's lone -2^(b-1): max(4 / 8, 3 / 7)
+    scale4, _ = minmax_params(f32(-4.0, 3.0), 4, symmetric=True)
+    assert torch.equal(scale4, f32(4.0) / 8)
+
+
+def test_minmax_symmetric_never_clips_the_range_ends():
+    """Both ends land on the grid exactly (the old step max|x| / 7.5 clipped the top by 1/15)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    for bits in (4, 8):
+        scale, _ = minmax_params(w, bits, symmetric=True, axis=0)
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        k = w / scale[:, None]
+        assert float(k.max()) <= qmax + 1e-5 and float(k.min()) >= qmin - 1e-5
+        ends = torch.maximum(k.amax(1) / qmax, k.amin(1) / qmin)  # the end that sets each row's step
+        torch.testing.assert_close(ends, torch.ones(64), rtol=1e-6, atol=0)
 
 
 def test_minmax_range_is_widened_to_contain_zero():
@@ -51,7 +67,7 @@ def test_minmax_range_is_widened_to_contain_zero():
     scale, zp = minmax_params(neg, 4, symmetric=False)
     assert torch.equal(scale, f32(4.0) / 15) and zp.tolist() == [15.0]
     scale, zp = minmax_params(neg, 4, symmetric=True)
-    assert torch.equal(scale, f32(4.0) / 7.5) and zp.tolist() == [0.0]
+    assert torch.equal(scale, f32(4.0) / 8) and zp.tolist() == [0.0]
 
 
 def test_minmax_all_zero_gives_eps_scale():
@@ -69,7 +85,8 @@ def test_minmax_per_channel_axis0():
     assert torch.equal(scale, f32(3.0, 7.0) / 255)
     assert zp.tolist() == [85.0, 109.0]
     scale, zp = minmax_params(M, 8, symmetric=True, axis=0)
-    assert torch.equal(scale, f32(2.0, 4.0) / 127.5) and zp.tolist() == [0.0, 0.0]
+    # row 0: max(1/128, 2/127); row 1: max(3/128, 4/127)
+    assert torch.equal(scale, f32(2.0, 4.0) / 127) and zp.tolist() == [0.0, 0.0]
 
 
 def test_minmax_per_channel_axis1():
@@ -78,7 +95,8 @@ def test_minmax_per_channel_axis1():
     assert torch.equal(scale, f32(3.0, 2.0, 4.0) / 255)
     assert zp.tolist() == [255.0, 0.0, 0.0]
     scale, _ = minmax_params(M, 8, symmetric=True, axis=1)
-    assert torch.equal(scale, f32(3.0, 2.0, 4.0) / 127.5)
+    # col 0 is all negative: 3/128; the others: 2/127, 4/127
+    assert torch.equal(scale, torch.stack([f32(3.0) / 128, f32(2.0) / 127, f32(4.0) / 127]).reshape(-1))
 
 
 def test_minmax_per_channel_4d_axis1():
@@ -86,8 +104,8 @@ def test_minmax_per_channel_4d_axis1():
     x = torch.randn(2, 3, 4, 4)
     x[:, 1] *= 10
     scale, _ = minmax_params(x, 8, symmetric=True, axis=1)
-    absmax = x.abs().amax(dim=(0, 2, 3))
-    torch.testing.assert_close(scale, absmax / 127.5, rtol=1e-7, atol=0)
+    lo, hi = x.amin(dim=(0, 2, 3)).clamp_max(0), x.amax(dim=(0, 2, 3)).clamp_min(0)
+    torch.testing.assert_close(scale, torch.maximum(-lo / 128, hi / 127), rtol=1e-7, atol=0)
 
 
 # ------------------------------------------------------------------------------------- percentile
@@ -95,7 +113,7 @@ def test_minmax_per_channel_4d_axis1():
 def test_percentile_hand_computed():
     x = torch.arange(-50, 51, dtype=torch.float32)  # 101 values: 10th/90th percentiles are -40 / 40
     scale, zp = percentile_params(x, 8, symmetric=True, pct=90.0)
-    assert scale.item() == pytest.approx(40.0 / 127.5, rel=1e-5)
+    assert scale.item() == pytest.approx(40.0 / 127, rel=1e-5)  # max(40 / 128, 40 / 127)
     assert zp.tolist() == [0.0]
     scale, zp = estimate_params(x, "percentile", 8, symmetric=False, percentile=90.0)
     assert scale.item() == pytest.approx(80.0 / 255, rel=1e-5)
@@ -147,7 +165,7 @@ def brute_force_scales(rows: torch.Tensor, bits: int, symmetric: bool, p: float)
         for alpha in alphas:
             a_lo, a_hi = alpha * lo, alpha * hi
             if symmetric:
-                s = torch.maximum(-a_lo, a_hi) / ((qmax - qmin) / 2)
+                s = torch.maximum(-a_lo / -qmin, a_hi / qmax)  # the step that covers [a_lo, a_hi]
             else:
                 s = (a_hi - a_lo) / (qmax - qmin)
             s = torch.clamp(s, min=EPS32)

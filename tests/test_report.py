@@ -87,8 +87,10 @@ def test_range_samples_report_the_kept_range_and_clipped_fraction():
     # Weights over their sign's bound on the signed grid [-8, 7] * scale of each output channel.
     w, ws = q[2].weight.detach(), q[2].weight_quantizer.scale.detach().reshape(-1, 1)
     assert torch.allclose(s["weights"], torch.where(w >= 0, w / (7 * ws), w / (8 * ws)).flatten())
-    # minmax maps each channel's largest |w| to 7.5 steps: a positive maximum lands just past +1.
-    assert float(s["weights"].max()) <= 7.5 / 7 + 1e-5 and float(s["weights"].min()) >= -7.5 / 8 - 1e-5
+    # minmax's grid covers each channel's range: every weight within its bound, the extreme on it.
+    assert float(s["weights"].max()) <= 1 + 1e-5 and float(s["weights"].min()) >= -1 - 1e-5
+    per_channel = s["weights"].reshape(w.shape).abs().amax(dim=1)
+    torch.testing.assert_close(per_channel, torch.ones_like(per_channel), rtol=1e-5, atol=0)
 
 
 def test_agreement_kinds():

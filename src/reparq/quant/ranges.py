@@ -28,12 +28,20 @@ def _as_channels(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
                       narrow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero-point that map [lo, hi] (widened to contain 0) onto the grid."""
+    """Scale and integer zero-point that map [lo, hi] (widened to contain 0) onto the grid.
+
+    Symmetric: the smallest step whose grid ``[qmin * s, qmax * s]`` covers both ends, i.e.
+    ``max(-lo / -qmin, hi / qmax)``. The signed grid is lopsided (``[-8, 7]`` at 4 bits); the
+    step ``max|x| / 7.5`` used before this rule put the top of the range half a step beyond
+    ``7 s``, so the largest positive weight of every channel or group was clipped by 1/15 of its
+    value. Those are the weights that matter most, and at 4 bits the clipping cost more than the
+    finer step won: zoo llama_fm W4A16, one scale per 32 columns, round to nearest, +0.104 ->
+    +0.029 perplexity (Intel Neural Compressor's RTN, which divides by 7, had shown it)."""
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     qmin, qmax = int_range(bits, symmetric, narrow)
     eps = torch.finfo(torch.float32).eps
     if symmetric:
-        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(eps)
+        scale = torch.maximum(-lo / -qmin, hi / qmax).clamp_min(eps)
         return scale, torch.zeros_like(scale)
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
     zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
