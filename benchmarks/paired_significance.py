@@ -216,12 +216,12 @@ def margin_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def rivals_in(rows: list[dict], model: str, source: str) -> list[str]:
+def rivals_in(rows: list[dict], model: str, source: str, reference: str | None = None) -> list[str]:
     """The recipes paired with the reference by default: the baselines (:data:`RIVALS`) in the baseline
     benchmarks, and in an ablation every variant of the reference it has rows for, in file order."""
     if source in DEFAULT_SOURCES:
         return list(RIVALS)
-    reference = reference_for(rows, model)
+    reference = reference or reference_for(rows, model)
     return [m for m in dict.fromkeys(r["method"] for r in rows if r["model"] == model) if m != reference]
 
 
@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", nargs="*", default=list(DEFAULT_SOURCES), choices=list(SOURCES),
                         help="the benchmarks whose rows are paired")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the benchmarks' results are")
+    parser.add_argument("--references", nargs="*", default=None,
+                        help="pair the rivals with each of these methods in turn, where a model has rows of it "
+                             f"(default: the first of {', '.join(REFERENCES)}); e.g. reparq's grouped W4A16 rows")
     parser.add_argument("--name", default="paired_significance")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -252,17 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         rows, items = json.loads(path.read_text())["rows"], load_per_item(args.results, source)
         for model in args.models:
             model_metric = metric or TEXT_METRIC.get(model, "top1")  # a source of zoo and text rows (peers)
-            reference = reference_for(rows, model)
-            cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
-                            and r["method"] == reference}, reverse=True)
-            fp_score = float_hits(model, rows) if model_metric == "top1" and cells else None
-            rivals = args.recipes or rivals_in(rows, model, source)
-            for bits in cells:
-                for rival in rivals:
-                    row = compare(rows, items, score, model, bits, rival, model_metric, fp_score, reference)
-                    if row is not None:
-                        out_rows.append(row)
-                        print(row, flush=True)
+            for reference in args.references or [reference_for(rows, model)]:
+                cells = sorted({(r["w_bits"], r["a_bits"]) for r in rows if r["model"] == model
+                                and r["method"] == reference}, reverse=True)
+                fp_score = float_hits(model, rows) if model_metric == "top1" and cells else None
+                rivals = args.recipes or rivals_in(rows, model, source, reference)
+                for bits in cells:
+                    for rival in rivals:
+                        row = compare(rows, items, score, model, bits, rival, model_metric, fp_score, reference)
+                        if row is not None:
+                            out_rows.append(row)
+                            print(row, flush=True)
     if not out_rows:
         raise SystemExit(f"no per-item scores of {', '.join(args.sources)} under {args.results / 'per_item'}: "
                          "run those benchmarks first")

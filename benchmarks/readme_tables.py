@@ -196,27 +196,31 @@ def _peer_cell_table(rows: list[dict], paired: dict, bits: tuple[int, int]) -> l
              " | reparq calib s | peers' calib s |", "|---|---|---|" + "---|" * len(peers) + "---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["method"]: r for r in rows if r["model"] == model}
-        ours = next((r for r in rows if r["model"] == model and r.get("tool") == "reparq"), None)
-        if ours is None:
-            continue
-        cells = []
-        for m in peers:
-            r = by.get(m)
-            if r is None:
-                cells.append("-")
-                continue
-            test = paired.get((model, m, *bits))
-            mark = ""
-            if test is not None:
-                mark = (" (reparq ahead, p={:.2g})".format(test["p_sign"]) if test["ref_ahead"] > test["rival_ahead"]
-                        and test["p_sign"] < 0.05 else " (**peer ahead**, p={:.2g})".format(test["p_sign"])
-                        if test["rival_ahead"] > test["ref_ahead"] and test["p_sign"] < 0.05
-                        else " (n.s., p={:.2g})".format(test["p_sign"]))
-            cells.append(_peer_delta(r) + mark)
-        peer_s = [by[m]["calib_seconds"] for m in peers if m in by]
-        lines.append(f"| {model} | {ours['fp']:.2f} | {_peer_delta(ours)} (`{ours['method']}`) | " + " | ".join(cells)
-                     + f" | {ours['calib_seconds']:.0f} | {min(peer_s):.1f}-{max(peer_s):.1f} |")
+        # one line per reparq row (W4A16: per channel and grouped), each peer paired with that row
+        for ours in [r for r in rows if r["model"] == model and r.get("tool") == "reparq"]:
+            lines.append(_peer_line(model, ours, peers, by, paired, bits))
     return lines
+
+
+def _peer_line(model: str, ours: dict, peers: list[str], by: dict, paired: dict, bits: tuple[int, int]) -> str:
+    """One reparq row and each peer's Δ, with the paired test against that row."""
+    cells = []
+    for m in peers:
+        r = by.get(m)
+        if r is None:
+            cells.append("-")
+            continue
+        test = paired.get((model, m, *bits, ours["method"]))
+        mark = ""
+        if test is not None:
+            mark = (" (reparq ahead, p={:.2g})".format(test["p_sign"]) if test["ref_ahead"] > test["rival_ahead"]
+                    and test["p_sign"] < 0.05 else " (**peer ahead**, p={:.2g})".format(test["p_sign"])
+                    if test["rival_ahead"] > test["ref_ahead"] and test["p_sign"] < 0.05
+                    else " (n.s., p={:.2g})".format(test["p_sign"]))
+        cells.append(_peer_delta(r) + mark)
+    peer_s = [by[m]["calib_seconds"] for m in peers if m in by]
+    return (f"| {model} | {ours['fp']:.2f} | {_peer_delta(ours)} (`{ours['method']}`) | " + " | ".join(cells)
+            + f" | {ours['calib_seconds']:.0f} | {min(peer_s):.1f}-{max(peer_s):.1f} |")
 
 
 def peers_table() -> str:
@@ -227,7 +231,8 @@ def peers_table() -> str:
         return NOT_MEASURED
     payload = json.loads(path.read_text())
     rows = payload["rows"]
-    paired = {(r["model"], r["method"], r["w_bits"], r["a_bits"]): r for r in (_rows("peers_paired") or [])}
+    paired = {(r["model"], r["method"], r["w_bits"], r["a_bits"], r["reference"]): r
+              for r in (_rows("peers_paired") or [])}
     lines: list[str] = []
     for bits in sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[0], -b[1])):
         if lines:
