@@ -24,7 +24,7 @@ import torch
 
 import reparq
 from reparq.deploy.hf_check import directory_size_mb
-from reparq.report.results import write_results
+from reparq.report.results import source_version, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json): the shape only
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    rows = []
+    rows, code = [], source_version()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.float16).save_pretrained(tmp / "fp16")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"model": "tinyllama-1.1b shape (random)", "method": "minmax", "scheme": f"W4A16 {name}",
                    "w_bits": 4, "a_bits": 16, "size_mb": round(size, 1), "fp16_mb": round(fp16_mb, 1),
                    "ratio": round(size / fp16_mb, 3), "target": "<= 0.3", "max_logit_diff": float(f"{diff:.3g}"),
-                   "seconds": round(time.time() - start, 1)}
+                   "seconds": round(time.time() - start, 1), "code": code}
             rows.append(row)
             print(row, flush=True)
             _write(args, argv, rows)  # after every row: a long run that is stopped keeps what it measured
