@@ -49,18 +49,23 @@ RESULTS = Path(__file__).parent / "results"
 ZOO = ("repvgg_fm", "mobileone_fm", "repvgg_deep_fm", "deit_fm", "swin_fm")
 MODELS = (*ZOO, "minilm", "llama_fm")
 REPARQ = "reparq"  # --methods name of reparq's own row; its method column is the recipe the preset picked
-# reparq's W4A16 row on the decoders (repquant, weight-only: GPTQ rounding), beside the 4-bit weight-only peers
+# reparq's W4A16 rows on the decoders (repquant, weight-only: GPTQ rounding), beside the 4-bit weight-only
+# peers: --methods name -> w_group_size (None: per channel; 32 and 128: INC's RTN/GPTQ and NNCF's defaults)
 REPARQ_W4 = "reparq-w4a16"
-# the same with grouped weight scales, at the peers' group sizes (INC's RTN/GPTQ default 32, NNCF's 128)
-REPARQ_W4_GROUPS = {"reparq-w4a16-g32": 32, "reparq-w4a16-g128": 128}
-ORDER = ("repapq", "repquant", "repquant-g32", "repquant-g128", "nncf", "nncf-no-smoothquant", "ort-minmax", "ort-percentile", "ort-entropy",
-         "inc-default", "nncf-int4", "nncf-int4-awq", "inc-rtn", "inc-gptq")
+REPARQ_W4_METHODS = {REPARQ_W4: None, "reparq-w4a16-g32": 32, "reparq-w4a16-g128": 128}
+ORDER = ("repapq", "repquant", "repquant-g32", "repquant-g128", "nncf", "nncf-no-smoothquant", "ort-minmax",
+         "ort-percentile", "ort-entropy", "inc-default", "nncf-int4", "nncf-int4-awq", "inc-rtn", "inc-gptq")
+
+
+def reparq_w4_recipe(method: str) -> str:
+    """The method column of a reparq W4A16 row: ``repquant``, or ``repquant-gN`` with groups."""
+    group = REPARQ_W4_METHODS[method]
+    return "repquant" if group is None else f"repquant-g{group}"
 
 
 def bits_of(method: str) -> tuple[int, int]:
     """(w_bits, a_bits) of a --methods name: the weight-only methods are W4A16, the rest W8A8."""
-    weight_only = method == REPARQ_W4 or method in REPARQ_W4_GROUPS or method in peers.WEIGHT_ONLY_METHODS
-    return (4, 16) if weight_only else (8, 8)
+    return (4, 16) if method in REPARQ_W4_METHODS or method in peers.WEIGHT_ONLY_METHODS else (8, 8)
 EXTRA = ("tool", "runtime", "calib_samples", "nn_agreement", "quant_ort", "fp_ms", "int8_ms", "ratio", "settings")
 
 
@@ -431,17 +436,12 @@ class PeersRun:
                                                     input_names=task.reparq_inputs)
                         got.predict = peers.torch_predict(task.wrap(got.qmodel))
                         tool = "reparq"
-                    elif method == REPARQ_W4:
+                    elif method in REPARQ_W4_METHODS:
+                        group = REPARQ_W4_METHODS[method]
                         got = peers.quantize_reparq(task.net, feed, config=None, seed=self.args.seed,
                                                     input_names=task.reparq_inputs, recipe="repquant", w_bits=4,
-                                                    a_bits=16)
-                        got.predict = peers.torch_predict(task.wrap(got.qmodel))
-                        tool = "reparq"
-                    elif method in REPARQ_W4_GROUPS:
-                        got = peers.quantize_reparq(task.net, feed, config=None, seed=self.args.seed,
-                                                    input_names=task.reparq_inputs, recipe="repquant", w_bits=4,
-                                                    a_bits=16, w_group_size=REPARQ_W4_GROUPS[method])
-                        got.method = f"repquant-g{REPARQ_W4_GROUPS[method]}"
+                                                    a_bits=16, **({} if group is None else {"w_group_size": group}))
+                        got.method = reparq_w4_recipe(method)
                         got.predict = peers.torch_predict(task.wrap(got.qmodel))
                         tool = "reparq"
                     else:
@@ -466,10 +466,8 @@ class PeersRun:
 
     def _probe_method(self, task, method: str) -> tuple:
         """The key a method's row has (reparq's: the preset's recipe), to skip rows already measured."""
-        if method == REPARQ_W4:
-            return (task.name, "repquant", 4, 16, self.args.seed)
-        if method in REPARQ_W4_GROUPS:
-            return (task.name, f"repquant-g{REPARQ_W4_GROUPS[method]}", 4, 16, self.args.seed)
+        if method in REPARQ_W4_METHODS:
+            return (task.name, reparq_w4_recipe(method), 4, 16, self.args.seed)
         if method != REPARQ:
             return (task.name, method, *bits_of(method), self.args.seed)
         from reparq.runconfig import quantize_arguments
@@ -513,10 +511,10 @@ class PeersRun:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS, REPARQ_W4, *REPARQ_W4_GROUPS,
+    parser.add_argument("--methods", nargs="*", default=[REPARQ, *peers.PEER_METHODS, *REPARQ_W4_METHODS,
                                                          *peers.WEIGHT_ONLY_METHODS],
-                        help=f"{REPARQ} (the w8a8 preset), {REPARQ_W4} (repquant W4A16, decoders; "
-                             f"{', '.join(REPARQ_W4_GROUPS)}: with grouped weight scales) and peer methods: "
+                        help=f"{REPARQ} (the w8a8 preset), {', '.join(REPARQ_W4_METHODS)} (repquant W4A16, decoders; "
+                             "per channel, groups of 32, of 128) and peer methods: "
                              f"{', '.join(peers.PEER_METHODS + peers.WEIGHT_ONLY_METHODS)} (the last four: "
                              "4-bit weight-only, decoders)")
     parser.add_argument("--calib-size", type=int, default=CALIB_SIZE, help="zoo calibration images")

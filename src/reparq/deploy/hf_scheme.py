@@ -2,8 +2,8 @@
 cannot be written (refused before anything is written, with what to choose instead).
 
 The format (compressed-tensors, as transformers and vLLM load it) knows integer weights,
-symmetric here, per output channel, per group of input columns or per tensor, and integer input activations at 8 bits,
-static per tensor (with a zero point when asymmetric) or dynamic per token. Nothing else of
+symmetric here, per output channel, per group of input columns or per tensor, and integer input
+activations at 8 bits, static per tensor (with a zero point when asymmetric) or dynamic per token. Nothing else of
 reparq's deploy form fits: quantized attention matmuls (q, k, post-Softmax probabilities
 with their log2 grid, v), activations below 8 bits, per-channel input quantizers, the input
 affines of a consumer-side fold. :func:`layer_schemes` maps each layer's saved quantizer

@@ -13,6 +13,7 @@ from reparq.nn.qmodules import quantized_layers
 from reparq.parallel import merge_observer
 from reparq.progress import SILENT, Reporter
 from reparq.quant.observer import ActivationObserver
+from reparq.quant.percentile_search import percentile_search_params
 from reparq.quant.ranges import estimate_params
 
 
@@ -30,19 +31,26 @@ def batch_samples(batch) -> int:
 
 
 @torch.no_grad()
-def init_weight_ranges(model: nn.Module, config: QuantConfig) -> None:
-    """Per-output-channel (or per-tensor) weight ranges with the configured estimator.
+def init_weight_ranges(model: nn.Module, config: QuantConfig, names: list[str] | None = None,
+                       percentile_search: bool = False) -> None:
+    """(Re-)initialize the weight ranges of the named quantized layers (all when None): per output
+    channel (per group with ``w_group_size``, or per tensor) with the configured estimator, or
+    RepQ-ViT's per-channel percentile search with ``percentile_search``.
 
-    ``percentile`` makes no sense for a few hundred weights per channel, so it uses minmax for
-    weights (the percentile baseline clips activations only).
+    The ``percentile`` estimator makes no sense for a few hundred weights per channel, so it uses
+    minmax for weights (the percentile baseline clips activations only).
     """
     estimator = "minmax" if config.w_estimator == "percentile" else config.w_estimator
-    for _, layer in quantized_layers(model):
+    wanted = None if names is None else set(names)
+    for name, layer in quantized_layers(model):
         wq = layer.weight_quantizer
-        if wq.is_float:
+        if wq.is_float or (wanted is not None and name not in wanted):
             continue
         data, axis = wq.estimation_view(layer.weight)  # with groups: one row per (output row, group)
-        scale, zp = estimate_params(data, estimator, wq.bits, wq.symmetric, axis, narrow=wq.narrow)
+        if percentile_search:
+            scale, zp = percentile_search_params(data, wq.bits, True, axis, narrow=wq.narrow)
+        else:
+            scale, zp = estimate_params(data, estimator, wq.bits, wq.symmetric, axis, narrow=wq.narrow)
         wq.set_params(scale, zp)
 
 

@@ -151,8 +151,9 @@ def plan(model: nn.Module, config: QuantConfig, block_globs: tuple[str, ...] | N
         if name in produced.values():
             w_reparam.append("producer fold (out ÷ r1)")
         w_gran = "per-channel" if config.w_per_channel else "per-tensor"
-        if config.w_group_size is not None and type(layer).__name__ == "QLinear" and w < KEEP_BITS:
-            w_gran = f"per-group ({config.w_group_size})"
+        group = layer.weight_quantizer.group_size  # insert_quantizers decided where groups apply
+        if group is not None and w < KEEP_BITS:
+            w_gran = f"per-group ({group})"
         points.append(_point(f"{name}.weight", name, "weight", w, w_gran, w_est, w_reparam))
         points.append(_point(f"{name}.input", name, "input", a, a_gran, a_est, a_reparam))
     probs = getattr(options, "probs", "logsqrt2")

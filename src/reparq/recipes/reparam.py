@@ -10,7 +10,8 @@ Order inside a recipe (the quantizers must exist, :mod:`reparq.recipes.insert` a
     (calibrate_postnorm_in_passes does both in passes that bound the rows held at once)
     ... (RepQuant learns the per-channel bounds here) ...
     fold_postnorm_pairs(model, pairs)                        # exact; consumers' inputs: per tensor
-    then re-initialize the consumers' weight ranges (their weights changed: W * r1).
+    then re-initialize the consumers' weight ranges (their weights changed: W * r1;
+    :func:`reparq.recipes.calibrate.init_weight_ranges` with their names).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import torch
 import torch.nn as nn
 
-from reparq.config import QuantConfig
 from reparq.model.postnorm import (NormPair, find_consumer_side_groups, find_postnorm_pairs, find_producer_groups,
                                    fold_at_consumers, fold_into_producer, fold_postnorm, norm_has_bias,
                                    shared_zero_point_params)
@@ -29,7 +29,6 @@ from reparq.nn.qmodules import QuantizedLayer, quantized_layers
 from reparq.parallel import gather_cat
 from reparq.quant.dual_clip import DualClipQuantizer
 from reparq.quant.percentile_search import percentile_search_params, unwidened_params
-from reparq.quant.ranges import estimate_params
 from reparq.quant.uniform import UniformQuantizer, int_range
 from reparq.recipes.calibrate import float_pass
 from reparq.recipes.insert import _set_submodule
@@ -341,25 +340,6 @@ def _covering_grid(scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
     return step, torch.round(wmin - lo / step)
 
 
-@torch.no_grad()
-def init_weight_ranges_for(model: nn.Module, config: QuantConfig, names: list[str] | None = None,
-                           percentile: bool = False) -> None:
-    """(Re-)initialize weight ranges of the named quantized layers (all when None): RepQ-ViT's
-    per-channel percentile search, or ``config.w_estimator``."""
-    estimator = "minmax" if config.w_estimator == "percentile" else config.w_estimator
-    wanted = None if names is None else set(names)
-    for name, layer in quantized_layers(model):
-        wq = layer.weight_quantizer
-        if wq.is_float or (wanted is not None and name not in wanted):
-            continue
-        data, axis = wq.estimation_view(layer.weight)
-        if percentile:
-            scale, zp = percentile_search_params(data, wq.bits, True, axis, narrow=wq.narrow)
-        else:
-            scale, zp = estimate_params(data, estimator, wq.bits, wq.symmetric, axis, narrow=wq.narrow)
-        wq.set_params(scale, zp)
-
-
 def percentile_activation_params(observer, quantizer: UniformQuantizer):
     """``params_fn`` for :func:`reparq.recipes.calibrate.init_activation_ranges`: RepQ-ViT's search."""
     data = torch.cat([observer.samples, observer.min.reshape(1), observer.max.reshape(1)])
@@ -367,5 +347,5 @@ def percentile_activation_params(observer, quantizer: UniformQuantizer):
 
 
 __all__ = ["balanced_channel_params", "calibrate_postnorm", "calibrate_postnorm_in_passes", "channel_params",
-           "fold_postnorm_pairs", "grid_consumers", "init_weight_ranges_for", "is_post_ln", "observe_norm_outputs",
+           "fold_postnorm_pairs", "grid_consumers", "is_post_ln", "observe_norm_outputs",
            "percentile_activation_params", "quantizable_pairs", "reparam_groups", "row_passes"]

@@ -30,13 +30,13 @@ from reparq.model.attention_adapters import PROBS_KINDS, adapt_attention
 from reparq.progress import SILENT, Reporter
 from reparq.quant.log_reparam import convert_logsqrt2_to_log2
 from reparq.recipes import baselines, block_recon, repapq  # noqa: F401  (listed before us, whoever imports first)
-from reparq.recipes.calibrate import init_activation_ranges
+from reparq.recipes.calibrate import init_activation_ranges, init_weight_ranges
 from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.probs_choice import choose_probability_grids
 from reparq.recipes.registry import register_recipe
-from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm_in_passes, fold_postnorm_pairs,
-                                    init_weight_ranges_for, is_post_ln, percentile_activation_params, reparam_groups)
+from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm_in_passes, fold_postnorm_pairs, is_post_ln,
+                                    percentile_activation_params, reparam_groups)
 
 RANGE_MODES = ("percentile", "config", "auto")
 
@@ -84,7 +84,7 @@ def prepare_transformer(model: nn.Module, batches, config: QuantConfig, options,
     adapt_attention(model, config.a_bits, probs="logsqrt2" if options.probs == "auto" else options.probs,
                     ignore=config.ignore)
     percentile = uses_percentile_ranges(model, options)
-    init_weight_ranges_for(model, config, percentile=percentile)
+    init_weight_ranges(model, config, percentile_search=percentile)
     init_activation_ranges(model, batches, config, seed=seed, reporter=reporter,
                            params_fn=percentile_activation_params if percentile else None, observer_index=observer_index)
     if options.probs == "auto":
@@ -107,7 +107,7 @@ def producer_fold_for(options) -> bool:
 
 def fold_and_reinit(model: nn.Module, pairs, config: QuantConfig, options) -> None:
     changed = fold_postnorm_pairs(model, pairs)
-    init_weight_ranges_for(model, config, changed, percentile=uses_percentile_ranges(model, options))
+    init_weight_ranges(model, config, changed, percentile_search=uses_percentile_ranges(model, options))
 
 
 def uses_percentile_ranges(model: nn.Module, options) -> bool:
