@@ -269,6 +269,8 @@ def test_user_errors(tmp_path):
         reparq.export_onnx(qmodel, tmp_path / "m.txt", torch.zeros(1, 3, 12, 12))
     with pytest.raises(ReparqError, match="weight_dtype"):
         reparq.export_onnx(qmodel, tmp_path / "m.onnx", torch.zeros(1, 3, 12, 12), weight_dtype="int4")
+    with pytest.raises(ReparqError, match="runtime must be one of any, onnxruntime"):
+        reparq.export_onnx(qmodel, tmp_path / "m.onnx", torch.zeros(1, 3, 12, 12), runtime="tensorrt")
     layer = dict(quantized_layers(qmodel))["features.3"]
     layer.input_quantizer.initialized = False
     with pytest.raises(ReparqError, match="no range yet"):
@@ -328,7 +330,7 @@ def test_cli_exports_a_saved_zoo_model_and_checks_it(tmp_path, capsys):
     agreement = float(re.search(r"top-1 agreement ([\d.]+)%", text).group(1))
     assert agreement >= 99.0 and "QLinearConv x9" in text  # the 1-channel stem runs in float, the last conv is requantized
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["reparq.recipe"] == "mse" and meta["reparq.w_bits"] == "8"
+    assert meta["reparq.recipe"] == "mse" and meta["reparq.w_bits"] == "8" and meta["reparq.runtime"] == "any"
 
 
 def _tiny_repvgg() -> nn.Module:

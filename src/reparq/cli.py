@@ -362,6 +362,8 @@ def export(
     requantize: bool = typer.Option(True, "--requantize/--no-requantize",
                                     help="int8 kernels for convs nothing requantizes (one extra rounding); "
                                          "--no-requantize: exactly the fake-quant values, those convs in float"),
+    runtime: str = typer.Option("any", "--runtime", help="onnx: any (standard QDQ operators) or onnxruntime (plus "
+                                                         "ORT's fused integer kernels: faster there, runs only there)"),
     check: bool = typer.Option(False, "--check", help="onnx: compare ORT with PyTorch on the test split; hf: load "
                                                        "the export with transformers, compare perplexity and logits"),
     check_size: Optional[int] = typer.Option(None, "--check-size",
@@ -404,7 +406,7 @@ def export(
         qmodel = reparq.quantize(load_model(_zoo_name(model)), calibration_subset(calib_size, seed=seed),
                                  recipe=recipe, w_bits=w_bits, a_bits=a_bits, seed=seed)
     path = reparq.export_onnx(qmodel, out, torch.zeros(1, IN_CHANS, IMG_SIZE, IMG_SIZE), weight_dtype=weight_dtype,
-                              requantize=requantize)
+                              requantize=requantize, runtime=runtime)
     console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
     if check:
         from reparq.data import load_fashion_mnist

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, float_weights_where_unfused,
+                                      fuse_linear_bias_for_onnxruntime, quantize_before_split,
                                       requantize_unfused_convs)
 from reparq.errors import ReparqError
 from reparq.nn.qmodules import QConv2d, QLinear, QuantizedLayer, quantized_layers
@@ -53,6 +54,9 @@ OPSET = 17
 # "auto" picks per layer (see weight_storage).
 WEIGHT_OFFSET = {"int8": 0, "uint8": 128}
 WEIGHT_DTYPES = ("auto", *WEIGHT_OFFSET)
+# "any": standard opset-17 operators only (QDQ; TensorRT, OpenVINO, ORT all read it); "onnxruntime":
+# plus ORT contrib kernels where ORT's own optimizer leaves float work behind (onnx_passes).
+RUNTIMES = ("any", "onnxruntime")
 _PAIR_SUM_LIMIT = 2 ** 15 - 1  # the int16 that x86 AVX2 u8 x s8 kernels (vpmaddubsw) add product pairs into
 
 
@@ -393,7 +397,8 @@ def torch_to_onnx(model: nn.Module, path: str | Path, example_input: Any, input_
 
 def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, *, weight_dtype: str = "auto",
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                dynamic_axes: dict | None = None, opset: int = OPSET, requantize: bool = True) -> Path:
+                dynamic_axes: dict | None = None, opset: int = OPSET, requantize: bool = True,
+                runtime: str = "any") -> Path:
     """Write ``qmodel`` (from ``reparq.quantize`` / ``reparq.load``) as an ONNX QDQ model.
 
     ``example_input``: one batch of inputs (a tensor, or a tuple for several inputs); the batch
@@ -406,12 +411,18 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
     pooling) with the range recorded at calibration, so that they run as int8 kernels too; this
     adds one 8-bit rounding the fake-quant model does not have (``False``: the graph computes
     exactly the fake-quant values, those convs in float).
+    ``runtime``: ``"any"`` writes standard ONNX operators only (a QDQ graph any int8 runtime
+    reads); ``"onnxruntime"`` also writes ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat``
+    with the Linear bias taken in, which ORT's own QDQ fusion leaves as a float Add (faster
+    transformers on ORT; the file then runs only there).
     Returns the path. Check it with :func:`reparq.deploy.ort_runner.compare`.
     """
     import onnx
 
     if not isinstance(qmodel, nn.Module):
         raise ReparqError(f"export_onnx needs a torch.nn.Module, got {type(qmodel).__name__}")
+    if runtime not in RUNTIMES:
+        raise ReparqError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if example_input is None:
         example_input = default_example_input(qmodel)
     if example_input is None:
@@ -432,7 +443,7 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
     tmp.unlink(missing_ok=True)
     proto.producer_name = "reparq"
     info = getattr(qmodel, "reparq_info", None)
-    meta = {"reparq.format": "qdq", "reparq.weight_dtype": weight_dtype}
+    meta = {"reparq.format": "qdq", "reparq.weight_dtype": weight_dtype, "reparq.runtime": runtime}
     if info is not None:
         meta.update({"reparq.recipe": str(info.recipe), "reparq.w_bits": str(info.config.get("w_bits")),
                      "reparq.a_bits": str(info.config.get("a_bits")), "reparq.seed": str(info.seed)})
@@ -443,7 +454,10 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
     if requantized:
         proto.metadata_props.add(key="reparq.requantized", value=",".join(requantized))
     fold_scalar_mul_into_dequantize(proto)
+    quantize_before_split(proto)
     float_weights_where_unfused(proto)
+    if runtime == "onnxruntime":
+        fuse_linear_bias_for_onnxruntime(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))  # written only once everything succeeded
     return path

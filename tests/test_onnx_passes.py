@@ -1,0 +1,142 @@
+"""The ONNX graph rewrites that let ONNX Runtime run less float work, each on a hand-built graph:
+the rewritten graph must compute the same values as the original (exactly where the integers are
+the same, to float rounding where one product is reassociated) and ORT's optimized form must lose
+the float op the rewrite targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from reparq.deploy import ort_runner  # noqa: E402
+from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, fuse_linear_bias_for_onnxruntime,  # noqa: E402
+                                       quantize_before_split)
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits, ort_ops: bool = False):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if ort_ops else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def _run(model, tmp_path, name, feeds):
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return ort_runner.make_session(path).run(None, feeds), ort_runner.optimized_op_counts(path)
+
+
+def _qdq(name, x, scale, zero_point):
+    return [helper.make_node("QuantizeLinear", [x, scale, zero_point], [f"{name}_q"]),
+            helper.make_node("DequantizeLinear", [f"{name}_q", scale, zero_point], [f"{name}_dq"])]
+
+
+def _linear_graph(bias: bool):
+    """x -> QDQ -> MatMul(DQ(W int8, per column)) [-> Add(b)], x: [batch, 5, 16], W: [16, 24]."""
+    inits = {"sx": np.array(0.05, np.float32), "zx": np.array(120, np.uint8),
+             "W": RNG.integers(-127, 128, (16, 24)).astype(np.int8),
+             "sw": (RNG.random(24) * 0.01 + 0.002).astype(np.float32), "zw": np.zeros(24, np.int8),
+             "b": RNG.standard_normal(24).astype(np.float32)}
+    nodes = _qdq("x", "x", "sx", "zx") + [
+        helper.make_node("DequantizeLinear", ["W", "sw", "zw"], ["W_dq"], axis=1),
+        helper.make_node("MatMul", ["x_dq", "W_dq"], ["mm" if bias else "y"])]
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["y"]))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def test_linear_bias_goes_into_matmul_integer_to_float(tmp_path):
+    x = RNG.standard_normal((3, 5, 16)).astype(np.float32)
+    model = _linear_graph(bias=True)
+    (ref,), before = _run(model, tmp_path, "before", {"x": x})
+    assert before["Add"] == 1  # ORT's own fusion leaves the bias in float
+    assert fuse_linear_bias_for_onnxruntime(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "MatMulIntegerToFloat"]
+    (got,), after = _run(model, tmp_path, "after", {"x": x})
+    assert after.get("Add", 0) == 0 and after["MatMulIntegerToFloat"] == 1
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_bias_fusion_leaves_a_linear_without_bias_to_ort(tmp_path):
+    model = _linear_graph(bias=False)
+    assert fuse_linear_bias_for_onnxruntime(model) == 0
+    assert not any(o.domain == "com.microsoft" for o in model.opset_import)
+
+
+def test_scalar_mul_after_quantized_matmul_folds_into_the_scale(tmp_path):
+    """(DQ(q) @ DQ(k)^T) * c, Hugging Face BERT's score scaling: c moves into q's scale."""
+    inits = {"sq": np.array(0.03, np.float32), "zq": np.array(128, np.uint8), "sk": np.array(0.02, np.float32),
+             "zk": np.array(131, np.uint8), "c": np.array(0.125, np.float32)}
+    nodes = _qdq("q", "q", "sq", "zq") + _qdq("k", "k", "sk", "zk") + [
+        helper.make_node("Transpose", ["k_dq"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q_dq", "kt"], ["scores"]), helper.make_node("Mul", ["scores", "c"], ["y"])]
+    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 7, 8]) for n in ("q", "k")]
+    model = _model(nodes, spec, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    feeds = {n: RNG.standard_normal((2, 7, 8)).astype(np.float32) for n in ("q", "k")}
+    (ref,), before = _run(model, tmp_path, "before", feeds)
+    assert before["Mul"] == 1
+    assert fold_scalar_mul_into_dequantize(model) == 1
+    (got,), after = _run(model, tmp_path, "after", feeds)
+    assert after.get("Mul", 0) == 0
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_scalar_mul_is_kept_when_the_matmul_output_has_another_reader():
+    inits = {"s": np.array(0.03, np.float32), "z": np.array(128, np.uint8), "c": np.array(0.5, np.float32)}
+    nodes = _qdq("a", "a", "s", "z") + [helper.make_node("MatMul", ["a_dq", "a_dq"], ["m"]),
+                                        helper.make_node("Mul", ["m", "c"], ["y"])]
+    spec = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 4])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "m")]
+    assert fold_scalar_mul_into_dequantize(_model(nodes, spec, outs, inits)) == 0
+
+
+def _qkv_graph(perm, shape=(0, 6, 3, 2, 4)):
+    """qkv [batch, 6, 3*2*4] -> Reshape [batch, 6, 3, 2, 4] -> Transpose(perm) -> Split(axis 0) -> Squeeze
+    -> QDQ with three different grids (timm Attention's q, k, v)."""
+    inits = {"shape": np.array(shape, np.int64), "sizes": np.ones(3, np.int64),
+             "axes": np.array([0], np.int64)}
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=perm),
+             helper.make_node("Split", ["t", "sizes"], ["s0", "s1", "s2"], axis=0)]
+    outputs = []
+    for i, (scale, zero_point) in enumerate([(0.02, 128), (0.05, 100), (0.013, 140)]):
+        inits[f"sc{i}"], inits[f"zp{i}"] = np.array(scale, np.float32), np.array(zero_point, np.uint8)
+        nodes += [helper.make_node("Squeeze", [f"s{i}", "axes"], [f"sq{i}"])] + _qdq(f"o{i}", f"sq{i}", f"sc{i}", f"zp{i}")
+        outputs.append(helper.make_tensor_value_info(f"o{i}_dq", TensorProto.FLOAT, None))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 24])], outputs, inits)
+
+
+@pytest.mark.parametrize("perm, shape, crosses_transpose", [([2, 0, 3, 1, 4], (0, 6, 3, 2, 4), True),
+                                                            ([4, 0, 1, 2, 3], (0, 6, 2, 4, 3), False)])
+def test_one_per_axis_quantize_before_split_gives_the_same_integers(tmp_path, perm, shape, crosses_transpose):
+    """timm's perm puts the q/k/v axis (2) first: the Q moves above the Transpose too. A perm that
+    brings the last axis to the split axis keeps the Transpose in float (ORT's per-axis Q over a
+    last axis is slow) and quantizes between Transpose and Split."""
+    model = _qkv_graph(perm, shape)
+    x = (RNG.standard_normal((3, 6, 24)) * 3).astype(np.float32)
+    before, _ = _run(model, tmp_path, "before", {"x": x})
+    assert quantize_before_split(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1
+    quantize = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert (ops.index("QuantizeLinear") < ops.index("Transpose")) == crosses_transpose
+    assert {a.name: a.i for a in quantize.attribute}["axis"] == (2 if crosses_transpose else 0)
+    after, _ = _run(model, tmp_path, "after", {"x": x})
+    for got, ref in zip(after, before):
+        np.testing.assert_array_equal(got, ref)  # same integers, same dequantization
+
+
+def test_split_with_one_float_reader_is_left_alone():
+    model = _qkv_graph([2, 0, 3, 1, 4])
+    squeeze = next(n for n in model.graph.node if n.op_type == "Squeeze" and n.output[0] == "sq2")
+    model.graph.node.remove(next(n for n in model.graph.node if n.input and n.input[0] == "sq2"))
+    model.graph.output.append(helper.make_tensor_value_info(squeeze.output[0], TensorProto.FLOAT, None))
+    assert quantize_before_split(model) == 0
