@@ -189,24 +189,30 @@ def model_rows(case: Case, args, work: Path) -> list[dict]:
                             ["output"], case.dynamic_axes)
     variants: dict[str, dict] = {}
     paths: dict[str, Path] = {}
+    quantized: dict[str, tuple[nn.Module, float]] = {}
     for method, kwargs in (("minmax", {"recipe": "minmax"}), ("recommended", {"config": "w8a8", "iters": args.iters})):
         t0 = time.perf_counter()
         qmodel = reparq.quantize(case.net, case.calib, batch_size=8, seed=args.seed, **kwargs)
-        seconds = time.perf_counter() - t0
+        quantized[method] = (qmodel, time.perf_counter() - t0)
+    # (variant key, model, export runtime): both recipes as deployed on ORT, and minmax's portable QDQ graph.
+    for key, method, runtime in (("minmax", "minmax", "onnxruntime"), ("recommended", "recommended", "onnxruntime"),
+                                 ("minmax-any", "minmax", "any")):
+        qmodel, seconds = quantized[method]
         recipe = qmodel.reparq_info.recipe
         q_enc = case.wrap(qmodel)
-        paths[method] = reparq.export_onnx(q_enc, work / f"{tag}_{method}.onnx", case.example,
-                                           input_names=case.input_names, output_names=["output"],
-                                           dynamic_axes=case.dynamic_axes)
+        paths[key] = reparq.export_onnx(q_enc, work / f"{tag}_{key}.onnx", case.example,
+                                        input_names=case.input_names, output_names=["output"],
+                                        dynamic_axes=case.dynamic_axes, runtime=runtime)
         with torch.no_grad():
             args_t = [torch.from_numpy(case.eval_inputs[k]) for k in case.input_names]
             ref = q_enc(*args_t).numpy()
-        got = _outputs(ort_runner.make_session(paths[method], threads=1), case.eval_inputs)
-        ints, floats = _kernels(ort_runner.optimized_op_counts(paths[method]))
-        variants[method] = {"variant": f"reparq {recipe}" + (" (recommended)" if method == "recommended" else ""),
-                            "recipe": recipe, "calib_seconds": round(seconds, 1), "int8_kernels": ints,
-                            "float_ops": floats, **_check(ref, got, case.classifier)}
-        print(case.name, variants[method], flush=True)
+        got = _outputs(ort_runner.make_session(paths[key], threads=1), case.eval_inputs)
+        ints, floats = _kernels(ort_runner.optimized_op_counts(paths[key]))
+        label = f"reparq {recipe}" + (" (recommended)" if method == "recommended" else "")
+        variants[key] = {"variant": label + (", portable QDQ (runtime=any)" if runtime == "any" else ""),
+                         "recipe": recipe, "runtime": runtime, "calib_seconds": round(seconds, 1),
+                         "int8_kernels": ints, "float_ops": floats, **_check(ref, got, case.classifier)}
+        print(case.name, variants[key], flush=True)
     paths["ort"], ort_seconds = ort_quantize_static(fp_path, case, work)
     ints, floats = _kernels(ort_runner.optimized_op_counts(paths["ort"]))
     fp_ref = _outputs(ort_runner.make_session(fp_path, threads=1), case.eval_inputs)
@@ -262,7 +268,11 @@ on a shared 2-core machine: absolute times are noise, ratios of variants timed i
 same deployed graph exported in float (timm attention on its explicit path, as in the quantized model).
 `int8/FP32` = int8_ms / fp_ms; `vs ORT int8` = int8_ms / (ORT quantize_static's graph's ms) in the same
 run (target <=1.05). `reparq ... (recommended)`: `config="w8a8"` (the family-free preset) with
-`iters={iters}`: its exported graph has the same operators as minmax's. `cos vs fake-quant`: mean cosine
+`iters={iters}`: its exported graph has the same operators as minmax's (except where a post-norm
+encoder keeps an input affine, below). Exports: `runtime="onnxruntime"` (ORT's MatMulIntegerToFloat
+with each Linear's bias inside) unless the row says `runtime=any` (standard operators only); rows
+without a `runtime` field predate the option and are `any` graphs (the convnets: nothing in them
+changes with it but the classifier's bias). `cos vs fake-quant`: mean cosine
 of ORT int8 outputs and the PyTorch fake-quant model's on 32 held-out samples (for ORT's graph: vs FP32);
 `top-1 agr.` on those (random weights: near-tied logits, a weak signal; the trained zoo models'
 agreement is in latency.md). `int8 kernels`/`float compute ops`: the optimized ORT graph's operators.

@@ -148,19 +148,22 @@ def latency_real_table() -> str:
     for r in rows:
         if r["batch"] == 32:
             kind = "ort" if r["method"] == "ort-minmax" else "minmax" if r["method"] == "minmax" else "recommended"
+            if kind == "minmax" and r.get("runtime") == "any":  # the portable export, beside the ORT one
+                kind = "portable"
             cells.setdefault((r["model"], r["threads"]), {})[kind] = r
-    lines = ["| model | threads | reparq `minmax` int8/FP32 | reparq recommended | ORT `quantize_static` | "
-             "reparq / ORT int8 time (minmax, recommended) | target | int8 kernels (reparq) | float ops | CPU int8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | threads | reparq `minmax` int8/FP32 | reparq recommended | reparq `minmax`, portable QDQ | "
+             "ORT `quantize_static` | reparq / ORT int8 time (minmax, recommended) | target | int8 kernels (reparq) | "
+             "float ops | CPU int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, threads), by in cells.items():
-        mm, rec, ort = by.get("minmax"), by.get("recommended"), by.get("ort")
+        mm, rec, ort, portable = by.get("minmax"), by.get("recommended"), by.get("ort"), by.get("portable")
         ratio = lambda r: "-" if r is None else f"{r['ratio']:.2f}"  # noqa: E731
         rec_cell = "-" if rec is None else f"{rec['ratio']:.2f} (`{rec['recipe']}`)"
         vs_ort = " / ".join("-" if r is None else f"{r['vs_ort']:.2f}" for r in (mm, rec))
         kernels = (mm or {}).get("int8_kernels", "-")
         if rec is not None and rec.get("int8_kernels") != kernels:  # a recipe that changes the deployed graph
             kernels += f"; `{rec['recipe']}`: {rec.get('int8_kernels', '-')}"
-        lines.append(f"| {model} | {threads} | {ratio(mm)} | {rec_cell} | {ratio(ort)} | "
+        lines.append(f"| {model} | {threads} | {ratio(mm)} | {rec_cell} | {ratio(portable)} | {ratio(ort)} | "
                      f"{vs_ort} | {(mm or {}).get('target', '-')} | "
                      f"{kernels} | {(mm or {}).get('float_ops', '-')} | "
                      f"{(mm or {}).get('int8_isa', '-')} |")

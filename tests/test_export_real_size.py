@@ -72,6 +72,11 @@ def test_timm_architecture_exports_every_layer_to_int8(tmp_path, name):
     qmodel = reparq.quantize(net, torch.randn(8, 3, size, size, generator=gen), recipe="minmax", batch_size=4)
     path = reparq.export_onnx(qmodel, tmp_path / f"{name}.onnx", torch.zeros(1, 3, size, size))
     _assert_all_int8(path, qmodel, float_convs)
+    # The RGB 3x3 stride-2 stems run as SpaceToDepth + a 2x2 int8 conv; patch embeddings are left alone.
+    import onnx
+
+    stems = sum(n.op_type == "SpaceToDepth" for n in onnx.load(str(path)).graph.node)
+    assert stems == (1 if name in ("repvgg_a0", "mobileone_s0") else 0)
     x = torch.randn(4, 3, size, size, generator=gen)
     got = ort_runner.run(ort_runner.make_session(path), x)
     _assert_close(got, ort_runner.torch_outputs(qmodel, x))

@@ -140,3 +140,41 @@ def test_split_with_one_float_reader_is_left_alone():
     model.graph.node.remove(next(n for n in model.graph.node if n.input and n.input[0] == "sq2"))
     model.graph.output.append(helper.make_tensor_value_info(squeeze.output[0], TensorProto.FLOAT, None))
     assert quantize_before_split(model) == 0
+
+
+def _stem_graph(weight_dtype=np.int8, weight_zero=0, height=16):
+    """RGB stem as exported: Q -> DQ -> Conv 3x3 stride 2 pad 1 (DQ'd integer weight) -> Relu -> Q."""
+    weight = RNG.integers(-127, 128, (8, 3, 3, 3)) + weight_zero
+    inits = {"sx": np.array(0.02, np.float32), "zx": np.array(128, np.uint8), "W": weight.astype(weight_dtype),
+             "sw": (RNG.random(8) * 0.01 + 0.001).astype(np.float32), "zw": np.full(8, weight_zero, weight_dtype),
+             "b": (RNG.standard_normal(8) * 0.1).astype(np.float32), "so": np.array(0.01, np.float32),
+             "zo": np.array(0, np.uint8)}
+    nodes = _qdq("x", "x", "sx", "zx") + [
+        helper.make_node("DequantizeLinear", ["W", "sw", "zw"], ["W_dq"], axis=0),
+        helper.make_node("Conv", ["x_dq", "W_dq", "b"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]), helper.make_node("QuantizeLinear", ["r", "so", "zo"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, height, height])],
+                  [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+
+
+@pytest.mark.parametrize("weight_dtype, weight_zero", [(np.int8, 0), (np.uint8, 128)])
+def test_space_to_depth_stem_gives_the_same_integers(tmp_path, weight_dtype, weight_zero):
+    """The 3x3 stride-2 stem as SpaceToDepth + 2x2 conv: same integer sums, so the uint8 output is
+    identical (int8 weights, and the uint8 + 128 storage whose unused taps hold the zero point)."""
+    from reparq.deploy.onnx_passes import space_to_depth_stems
+
+    model = _stem_graph(weight_dtype, weight_zero)
+    x = (RNG.standard_normal((2, 3, 16, 16)) * 2).astype(np.float32)
+    (ref,), before = _run(model, tmp_path, "before", {"x": x})
+    assert len(space_to_depth_stems(model)) == 1
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert {a.name: list(a.ints) for a in conv.attribute}["kernel_shape"] == [2, 2]
+    (got,), after = _run(model, tmp_path, "after", {"x": x})
+    assert after["QLinearConv"] == before["QLinearConv"] == 1 and after["SpaceToDepth"] == 1
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_space_to_depth_needs_an_even_input():
+    from reparq.deploy.onnx_passes import space_to_depth_stems
+
+    assert space_to_depth_stems(_stem_graph(height=15)) == []

@@ -26,7 +26,8 @@ replaced by one whose forward computes the same fake-quant values and whose ``sy
 ``autograd.Function`` the TorchScript exporter honours) emits the QDQ nodes; no onnxscript (the
 dynamo exporter's dependency, not installed here). Passes over the ONNX graph follow
 (:mod:`reparq.deploy.onnx_passes`): outputs requantized where no layer does, scalar multiplies
-folded into scales, float weights where a conv stays float. ``onnx`` and ``torch.onnx`` are imported only when a
+folded into scales, q/k/v quantized before their Split, RGB stems as SpaceToDepth + 2x2 conv, float
+weights where a conv stays float. ``onnx`` and ``torch.onnx`` are imported only when a
 function of this module runs.
 """
 
@@ -43,7 +44,7 @@ import torch.nn as nn
 
 from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, float_weights_where_unfused,
                                       fuse_linear_bias_for_onnxruntime, quantize_before_split,
-                                      requantize_unfused_convs)
+                                      requantize_unfused_convs, space_to_depth_stems)
 from reparq.errors import ReparqError
 from reparq.nn.qmodules import QConv2d, QLinear, QuantizedLayer, quantized_layers
 from reparq.quant.log import LogQuantizer
@@ -455,6 +456,7 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
         proto.metadata_props.add(key="reparq.requantized", value=",".join(requantized))
     fold_scalar_mul_into_dequantize(proto)
     quantize_before_split(proto)
+    space_to_depth_stems(proto)
     float_weights_where_unfused(proto)
     if runtime == "onnxruntime":
         fuse_linear_bias_for_onnxruntime(proto)
