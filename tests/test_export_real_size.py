@@ -165,6 +165,16 @@ def test_bert_export_folds_the_score_scale_and_onnxruntime_export_fuses_biases(t
                  dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "hidden": {0: "batch"}})
     path = reparq.export_onnx(encoder, tmp_path / "bert.onnx", (ids[:1], mask[:1]), runtime="onnxruntime", **names)
     _assert_all_int8(path, qbert)
+    import onnx
+
+    exported = onnx.load(str(path)).graph.node
+    made = {out: n for n in exported for out in n.output}
+    for layer in range(2):  # query, key and value read one QuantizeLinear of their shared input
+        quantizers = set()
+        for part in ("query", "key", "value"):
+            fused = next(n for n in exported if f"layer.{layer}/attention/self/{part}/MatMul" in n.name)
+            quantizers.add(fused.input[0] if fused.op_type == "MatMulIntegerToFloat" else made[fused.input[0]].input[0])
+        assert len(quantizers) == 1 and made[quantizers.pop()].op_type == "QuantizeLinear"
     nodes = _optimized_nodes(path, tmp_path)
     producers = {out: n for n in nodes for out in n.output}
     after_matmul = [n for n in nodes if n.op_type == "Mul" and any(

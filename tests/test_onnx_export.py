@@ -331,6 +331,16 @@ def test_cli_exports_a_saved_zoo_model_and_checks_it(tmp_path, capsys):
     assert agreement >= 99.0 and "QLinearConv x9" in text  # the 1-channel stem runs in float, the last conv is requantized
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["reparq.recipe"] == "mse" and meta["reparq.w_bits"] == "8" and meta["reparq.runtime"] == "any"
+    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(out)).graph.node)  # standard operators only
+    # --runtime onnxruntime: the classifier's bias inside ORT's MatMulIntegerToFloat, same agreement.
+    ort_out = tmp_path / "repvgg_ort.onnx"
+    assert main(["export", str(tmp_path / "saved"), str(ort_out), "--runtime", "onnxruntime", "--check",
+                 "--check-size", "300"]) == 0
+    text = capsys.readouterr().out
+    assert float(re.search(r"top-1 agreement ([\d.]+)%", text).group(1)) >= 99.0
+    ort_model = onnx.load(str(ort_out))
+    assert {p.key: p.value for p in ort_model.metadata_props}["reparq.runtime"] == "onnxruntime"
+    assert [n.op_type for n in ort_model.graph.node if n.domain == "com.microsoft"] == ["MatMulIntegerToFloat"]
 
 
 def _tiny_repvgg() -> nn.Module:

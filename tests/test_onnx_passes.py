@@ -178,3 +178,22 @@ def test_space_to_depth_needs_an_even_input():
     from reparq.deploy.onnx_passes import space_to_depth_stems
 
     assert space_to_depth_stems(_stem_graph(height=15)) == []
+
+
+def test_equal_quantizers_of_one_tensor_become_one(tmp_path):
+    """q, k, v Linears reading one LayerNorm output through equal grids: one QuantizeLinear, same
+    outputs; a different grid on the same tensor stays its own."""
+    from reparq.deploy.onnx_passes import merge_duplicate_quantizers
+
+    inits = {"s": np.array(0.05, np.float32), "z": np.array(128, np.uint8), "s_again": np.array(0.05, np.float32),
+             "z_again": np.array(128, np.uint8), "s_other": np.array(0.04, np.float32)}
+    nodes = (_qdq("a", "x", "s", "z") + _qdq("b", "x", "s_again", "z_again") + _qdq("c", "x", "s_other", "z"))
+    outs = [helper.make_tensor_value_info(f"{n}_dq", TensorProto.FLOAT, None) for n in "abc"]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])], outs, inits)
+    x = RNG.standard_normal((4, 8)).astype(np.float32) * 4
+    before, _ = _run(model, tmp_path, "before", {"x": x})
+    assert merge_duplicate_quantizers(model) == 1
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2
+    after, _ = _run(model, tmp_path, "after", {"x": x})
+    for got, ref in zip(after, before):
+        np.testing.assert_array_equal(got, ref)

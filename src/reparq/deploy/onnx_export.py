@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 
 from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, float_weights_where_unfused,
-                                      fuse_linear_bias_for_onnxruntime, quantize_before_split,
-                                      requantize_unfused_convs, space_to_depth_stems)
+                                      fuse_linear_bias_for_onnxruntime, merge_duplicate_quantizers,
+                                      quantize_before_split, requantize_unfused_convs, space_to_depth_stems)
 from reparq.errors import ReparqError
 from reparq.nn.qmodules import QConv2d, QLinear, QuantizedLayer, quantized_layers
 from reparq.quant.log import LogQuantizer
@@ -456,6 +456,7 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
         proto.metadata_props.add(key="reparq.requantized", value=",".join(requantized))
     fold_scalar_mul_into_dequantize(proto)
     quantize_before_split(proto)
+    merge_duplicate_quantizers(proto)
     space_to_depth_stems(proto)
     float_weights_where_unfused(proto)
     if runtime == "onnxruntime":

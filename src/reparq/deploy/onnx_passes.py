@@ -439,3 +439,41 @@ def space_to_depth_stems(proto, max_channels: int = 4) -> list[str]:
         changed.append(name)
     _drop_unused_initializers(graph)
     return changed
+
+
+def merge_duplicate_quantizers(proto) -> int:
+    """One ``QuantizeLinear`` where several quantize the same tensor with equal scale and zero point.
+
+    Hugging Face BERT's query, key and value Linears read the same LayerNorm output, each through
+    its own input quantizer; calibrated on the same tensor, their grids are equal, but ORT runs
+    every QuantizeLinear (its common-subexpression pass does not compare constant values): three
+    passes over the hidden states per layer where one gives the same integers. Returns how many
+    were removed.
+    """
+    graph = proto.graph
+    index = _index(graph)
+    kept: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    removed = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.output[0] in index.outputs:
+            continue
+        scale, zero_point = index.const.get(node.input[1]), index.const.get(node.input[2])
+        if scale is None or zero_point is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        key = (node.input[0], scale.dtype.str, scale.shape, scale.tobytes(), zero_point.dtype.str, zero_point.tobytes(),
+               axis if scale.size > 1 else None)
+        if key in kept:
+            rename[node.output[0]] = kept[key]
+            removed.append(node)
+        else:
+            kept[key] = node.output[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for node in removed:
+        graph.node.remove(node)
+    _drop_unused_initializers(graph)
+    return len(removed)
