@@ -269,10 +269,9 @@ same deployed graph exported in float (timm attention on its explicit path, as i
 `int8/FP32` = int8_ms / fp_ms; `vs ORT int8` = int8_ms / (ORT quantize_static's graph's ms) in the same
 run (target <=1.05). `reparq ... (recommended)`: `config="w8a8"` (the family-free preset) with
 `iters={iters}`: its exported graph has the same operators as minmax's (except where a post-norm
-encoder keeps an input affine, below). Exports: `runtime="onnxruntime"` (ORT's MatMulIntegerToFloat
-with each Linear's bias inside) unless the row says `runtime=any` (standard operators only); rows
-without a `runtime` field predate the option and are `any` graphs (the convnets: nothing in them
-changes with it but the classifier's bias). `cos vs fake-quant`: mean cosine
+encoder keeps per-channel input affines: repquant on MiniLM and BERT-base). reparq's exports: `runtime="onnxruntime"` (ORT's MatMulIntegerToFloat
+with each Linear's bias inside) unless the row says `runtime=any` (standard operators only; for the
+convnets the two differ only in the classifier's bias). `cos vs fake-quant`: mean cosine
 of ORT int8 outputs and the PyTorch fake-quant model's on 32 held-out samples (for ORT's graph: vs FP32);
 `top-1 agr.` on those (random weights: near-tied logits, a weak signal; the trained zoo models'
 agreement is in latency.md). `int8 kernels`/`float compute ops`: the optimized ORT graph's operators.
