@@ -39,11 +39,14 @@ def _qdq(name, x, scale, zero_point):
             helper.make_node("DequantizeLinear", [f"{name}_q", scale, zero_point], [f"{name}_dq"])]
 
 
-def _linear_graph(bias: bool):
-    """x -> QDQ -> MatMul(DQ(W int8, per column)) [-> Add(b)], x: [batch, 5, 16], W: [16, 24]."""
-    inits = {"sx": np.array(0.05, np.float32), "zx": np.array(120, np.uint8),
-             "W": RNG.integers(-127, 128, (16, 24)).astype(np.int8),
-             "sw": (RNG.random(24) * 0.01 + 0.002).astype(np.float32), "zw": np.zeros(24, np.int8),
+def _linear_graph(bias: bool, weights: str = "int8", activations: str = "uint8"):
+    """x -> QDQ -> MatMul(DQ(W, per column)) [-> Add(b)], x: [batch, 5, 16], W: [16, 24]; weights int8
+    (zero point 0) or uint8 + 128, activations uint8 (zero point 120) or int8 (symmetric)."""
+    offset = 128 if weights == "uint8" else 0
+    inits = {"sx": np.array(0.05, np.float32),
+             "zx": np.array(120, np.uint8) if activations == "uint8" else np.array(0, np.int8),
+             "W": (RNG.integers(-127, 128, (16, 24)) + offset).astype(weights),
+             "sw": (RNG.random(24) * 0.01 + 0.002).astype(np.float32), "zw": np.full(24, offset, weights),
              "b": RNG.standard_normal(24).astype(np.float32)}
     nodes = _qdq("x", "x", "sx", "zx") + [
         helper.make_node("DequantizeLinear", ["W", "sw", "zw"], ["W_dq"], axis=1),
@@ -54,9 +57,10 @@ def _linear_graph(bias: bool):
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
 
 
-def test_linear_bias_goes_into_matmul_integer_to_float(tmp_path):
+@pytest.mark.parametrize("weights, activations", [("int8", "uint8"), ("uint8", "uint8"), ("int8", "int8")])
+def test_linear_bias_goes_into_matmul_integer_to_float(tmp_path, weights, activations):
     x = RNG.standard_normal((3, 5, 16)).astype(np.float32)
-    model = _linear_graph(bias=True)
+    model = _linear_graph(bias=True, weights=weights, activations=activations)
     (ref,), before = _run(model, tmp_path, "before", {"x": x})
     assert before["Add"] == 1  # ORT's own fusion leaves the bias in float
     assert fuse_linear_bias_for_onnxruntime(model) == 1
