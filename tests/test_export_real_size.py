@@ -91,7 +91,9 @@ class _Encoder(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def test_bert_encoder_exports_every_matmul_to_int8(tmp_path):
+def _bert_export(tmp_path, **export_kwargs):
+    """A 2-layer random BERT quantized with minmax and exported: (path, quantized BERT, encoder,
+    held-out ids, mask)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -105,25 +107,30 @@ def test_bert_encoder_exports_every_matmul_to_int8(tmp_path):
     path = reparq.export_onnx(encoder, tmp_path / "bert.onnx", (ids[:1], mask[:1]),
                               input_names=["input_ids", "attention_mask"], output_names=["hidden"],
                               dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
-                                            "hidden": {0: "batch"}})
-    _assert_all_int8(path, qbert)
-    session = ort_runner.make_session(path)
-    got = session.run(None, {"input_ids": ids[8:].numpy(), "attention_mask": mask[8:].numpy()})[0]
+                                            "hidden": {0: "batch"}}, **export_kwargs)
+    return path, qbert, encoder, ids[8:], mask[8:]
+
+
+def _assert_bert_close(path, encoder, ids, mask) -> None:
+    got = ort_runner.make_session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     with torch.no_grad():
-        ref = encoder(ids[8:], mask[8:]).numpy()
+        ref = encoder(ids, mask).numpy()
     _assert_close(got, ref)
 
 
-def _optimized_nodes(path, tmp_path):
-    out = tmp_path / "optimized.onnx"
-    ort_runner.make_session(path, optimized_model_path=out)
-    import onnx
-
-    return list(onnx.load(str(out)).graph.node)
+def test_bert_encoder_exports_every_matmul_to_int8(tmp_path):
+    path, qbert, encoder, ids, mask = _bert_export(tmp_path)
+    _assert_all_int8(path, qbert)
+    _assert_bert_close(path, encoder, ids, mask)
 
 
 def _biased_linears(qmodel: nn.Module) -> int:
     return sum(isinstance(layer, QLinear) and layer.bias is not None for _, layer in quantized_layers(qmodel))
+
+
+def _bias_fused(nodes) -> int:
+    """MatMulIntegerToFloat kernels in ORT's optimized graph that carry a bias (their 7th input)."""
+    return sum(n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 and bool(n.input[6]) for n in nodes)
 
 
 def test_vit_onnxruntime_export_fuses_biases_and_splits_qkv_on_integers(tmp_path):
@@ -137,9 +144,8 @@ def test_vit_onnxruntime_export_fuses_biases_and_splits_qkv_on_integers(tmp_path
     qmodel = reparq.quantize(net, torch.randn(8, 3, 64, 64, generator=gen), recipe="minmax", batch_size=4)
     path = reparq.export_onnx(qmodel, tmp_path / "deit.onnx", torch.zeros(1, 3, 64, 64), runtime="onnxruntime")
     _assert_all_int8(path, qmodel, float_convs=1)
-    nodes = _optimized_nodes(path, tmp_path)
-    with_bias = [n for n in nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 and n.input[6]]
-    assert len(with_bias) == _biased_linears(qmodel) > 0
+    nodes = ort_runner.optimized_nodes(path)
+    assert _bias_fused(nodes) == _biased_linears(qmodel) > 0
     exported = onnx.load(str(path)).graph.node
     per_axis = [n for n in exported if n.op_type == "QuantizeLinear" and any(a.name == "axis" for a in n.attribute)]
     assert len(per_axis) == 2  # one per attention block, before its q/k/v Split
@@ -151,19 +157,7 @@ def test_vit_onnxruntime_export_fuses_biases_and_splits_qkv_on_integers(tmp_path
 def test_bert_export_folds_the_score_scale_and_onnxruntime_export_fuses_biases(tmp_path):
     """The 1/sqrt(d) multiply after q @ k^T goes into q's scale (no float Mul over the scores), and
     runtime="onnxruntime" takes every Linear's bias into its integer kernel."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=64, attn_implementation="eager")
-    bert = transformers.BertModel(config, add_pooling_layer=False).eval()
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 500, (12, 32), generator=gen)
-    mask = torch.ones_like(ids)
-    qbert = reparq.quantize(bert, {"input_ids": ids[:8], "attention_mask": mask[:8]}, recipe="minmax", batch_size=4)
-    encoder = _Encoder(qbert).eval()
-    names = dict(input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-                 dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "hidden": {0: "batch"}})
-    path = reparq.export_onnx(encoder, tmp_path / "bert.onnx", (ids[:1], mask[:1]), runtime="onnxruntime", **names)
+    path, qbert, encoder, ids, mask = _bert_export(tmp_path, runtime="onnxruntime")
     _assert_all_int8(path, qbert)
     import onnx
 
@@ -175,14 +169,10 @@ def test_bert_export_folds_the_score_scale_and_onnxruntime_export_fuses_biases(t
             fused = next(n for n in exported if f"layer.{layer}/attention/self/{part}/MatMul" in n.name)
             quantizers.add(fused.input[0] if fused.op_type == "MatMulIntegerToFloat" else made[fused.input[0]].input[0])
         assert len(quantizers) == 1 and made[quantizers.pop()].op_type == "QuantizeLinear"
-    nodes = _optimized_nodes(path, tmp_path)
+    nodes = ort_runner.optimized_nodes(path)
     producers = {out: n for n in nodes for out in n.output}
     after_matmul = [n for n in nodes if n.op_type == "Mul" and any(
         producers.get(i) is not None and producers[i].op_type in INT8_MATMULS for i in n.input)]
     assert after_matmul == []
-    with_bias = [n for n in nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 and n.input[6]]
-    assert len(with_bias) == _biased_linears(qbert) > 0
-    got = ort_runner.make_session(path).run(None, {"input_ids": ids[8:].numpy(), "attention_mask": mask[8:].numpy()})[0]
-    with torch.no_grad():
-        ref = encoder(ids[8:], mask[8:]).numpy()
-    _assert_close(got, ref)
+    assert _bias_fused(nodes) == _biased_linears(qbert) > 0
+    _assert_bert_close(path, encoder, ids, mask)

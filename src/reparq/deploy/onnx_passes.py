@@ -53,6 +53,13 @@ def _index(graph) -> _GraphIndex:
     return index
 
 
+def _attrs(node) -> dict:
+    """A node's attributes by name, as Python values (ints, lists of ints, ...)."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _drop_unused_initializers(graph) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
@@ -162,7 +169,7 @@ def float_weights_where_unfused(proto) -> list[str]:
         if dq is None or _conv_runs_int8(conv, index):
             continue
         w_int = index.const[dq.input[0]]
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        axis = _attrs(dq).get("axis", 1)
         shape = [1] * w_int.ndim
         scale = index.const[dq.input[1]]
         zero_point = index.const[dq.input[2]] if len(dq.input) > 2 else np.zeros(1)
@@ -268,7 +275,7 @@ def fuse_linear_bias_for_onnxruntime(proto) -> int:
         add = after[0]
         bias_name = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
         bias = index.const.get(bias_name)
-        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
+        axis = _attrs(wdq).get("axis", 1)
         w_scale = index.const[wdq.input[1]]
         if a_scale is None or a_scale.size != 1 or w_int.ndim != 2 or bias is None or bias.ndim != 1 \
                 or bias.shape[0] != w_int.shape[1] or bias.shape[0] < 2 or (w_scale.size > 1 and axis != 1) \
@@ -321,7 +328,7 @@ def quantize_before_split(proto) -> int:
     index = _index(graph)
     done = 0
     for split in [n for n in graph.node if n.op_type == "Split"]:
-        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        axis = _attrs(split).get("axis", 0)
         sizes = index.const.get(split.input[1]) if len(split.input) > 1 and split.input[1] else None
         if sizes is None or len(sizes) != len(split.output):
             continue
@@ -348,7 +355,7 @@ def quantize_before_split(proto) -> int:
         source, q_axis, before = split.input[0], axis, split
         transpose = index.producers.get(source)
         if transpose is not None and transpose.op_type == "Transpose" and len(index.consumers.get(source, [])) == 1:
-            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+            perm = _attrs(transpose).get("perm")
             if perm is not None and axis >= 0 and perm[axis] != len(perm) - 1:
                 source, q_axis, before = transpose.input[0], perm[axis], transpose
         name = f"{split.name}/quantized"
@@ -366,12 +373,6 @@ def quantize_before_split(proto) -> int:
         done += 1
     _drop_unused_initializers(graph)
     return done
-
-
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def space_to_depth_stems(proto, max_channels: int = 4) -> list[str]:
@@ -394,9 +395,7 @@ def space_to_depth_stems(proto, max_channels: int = 4) -> list[str]:
     graph = proto.graph
     index = _index(graph)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in shape_inference.infer_shapes(proto).graph.value_info}
-    shapes.update({v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                   for v in graph.input})
+              for v in [*shape_inference.infer_shapes(proto).graph.value_info, *graph.input]}
     changed = []
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
         attrs = _attrs(conv)
@@ -461,7 +460,7 @@ def merge_duplicate_quantizers(proto) -> int:
         scale, zero_point = index.const.get(node.input[1]), index.const.get(node.input[2])
         if scale is None or zero_point is None:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        axis = _attrs(node).get("axis", 1)
         key = (node.input[0], scale.dtype.str, scale.shape, scale.tobytes(), zero_point.dtype.str, zero_point.tobytes(),
                axis if scale.size > 1 else None)
         if key in kept:

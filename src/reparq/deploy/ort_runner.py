@@ -67,15 +67,19 @@ def run(session, inputs: Any, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(outs, axis=0)
 
 
-def optimized_op_counts(path: str | Path, threads: int = 1) -> Counter:
-    """Operator types (with counts) of the graph ORT builds from ``path`` with all optimizations on."""
+def optimized_nodes(path: str | Path, threads: int = 1) -> list:
+    """The nodes of the graph ORT builds from ``path`` with all optimizations on (its fused kernels)."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
         make_session(path, threads=threads, optimized_model_path=out)
-        graph = onnx.load(str(out)).graph
-    return Counter(node.op_type for node in graph.node)
+        return list(onnx.load(str(out)).graph.node)
+
+
+def optimized_op_counts(path: str | Path, threads: int = 1) -> Counter:
+    """Operator types (with counts) of the graph ORT builds from ``path`` with all optimizations on."""
+    return Counter(node.op_type for node in optimized_nodes(path, threads))
 
 
 def int8_kernels(counts: Counter) -> dict[str, int]:
