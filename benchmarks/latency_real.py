@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=2, help="reconstruction iterations of the recommended recipe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="latency_real",
+                        help="results file stem: one per CPU kind (e.g. latency_real_avx2 for a CPU without VNNI/AMX)")
     parser.add_argument("--quiet-flag", type=Path, default=None,
                         help="a file that exists only while timing, for jobs sharing the machine to wait on")
     args = parser.parse_args(argv)
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     given = sys.argv[1:] if argv is None else argv
     command = ("OMP_NUM_THREADS=1 python benchmarks/latency_real.py " + " ".join(given)).strip()
-    previous = args.out / "latency_real.json"
+    previous = args.out / f"{args.name}.json"
     old = json.loads(previous.read_text()) if previous.exists() else {"rows": [], "command": ""}
     code = source_version()
     rows = []
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             history = "; ".join(c for c in dict.fromkeys([*old["command"].split("; "), command]) if c)
             write(args.out, history, merged, NOTES.format(seed=args.seed, repeats=args.repeats,
                                                           big=args.big_repeats, iters=args.iters),
-                  name="latency_real", columns=COLUMNS)
+                  name=args.name, columns=COLUMNS)
     return 0
 
 

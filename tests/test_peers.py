@@ -282,3 +282,24 @@ def test_weight_only_peers_round_the_decoder_weights_to_4_bits(method):
     err = float((out - ref).abs().max() / ref.abs().max())
     assert 0 < err < 0.2  # 4-bit weights: visibly rounded, not broken
     assert bench.bits_of(method) == (4, 16) and bench.bits_of("nncf") == (8, 8)
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_ort_peer_reduces_weights_to_7_bits_exactly_on_cpus_without_vnni(tmp_path, monkeypatch, vnni):
+    """ORT's documented CPU settings: ``reduce_range`` (weights in [-64, 63]) without VNNI/AMX, full int8 with."""
+    import onnx
+    from onnx import numpy_helper
+
+    from reparq.eval import latency
+
+    monkeypatch.setattr(latency, "has_vnni", lambda flags=None: vnni)
+    model = _tiny()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    fp_onnx = peers.export_float_onnx(model, tmp_path / "fp.onnx", (x[:1],), peers.OnnxSpec())
+    theirs = peers.run_peer("ort-minmax", model, _feed(16), tmp_path, fp_onnx=fp_onnx)
+    assert theirs.settings["reduce_range"] is (not vnni)
+    graph = onnx.load(str(theirs.onnx_path)).graph
+    codes = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims]
+    assert codes
+    widest = max(int(np.abs(c.astype(np.int32)).max()) for c in codes)
+    assert widest <= 64 if not vnni else widest == 127

@@ -246,14 +246,21 @@ def ort_session_predict(path: Path, names: Sequence[str], threads: int = 1):
 
 def quantize_ort(fp_onnx: Path, feed: CalibrationFeed, method: str, work: Path, spec: OnnxSpec,
                  threads: int = 1) -> PeerModel:
-    """``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel) with ``method``'s calibration."""
+    """``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel) with ``method``'s calibration.
+
+    Settings as ``quantize_static``'s own docstring ("Choosing parameters for CPU inference") tells
+    a user to: uint8 activations, int8 weights, and ``reduce_range`` (7-bit weights) exactly where the
+    CPU has no VNNI/AMX, since without them ORT's u8 x s8 kernels add product pairs in saturating int16.
+    """
     q = require("onnxruntime")
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from reparq.eval.latency import has_vnni
 
     work, fp_onnx = Path(work).resolve(), Path(fp_onnx).resolve()
     pre, out = work / f"{fp_onnx.stem}_pre.onnx", work / f"{fp_onnx.stem}_{method}.onnx"
     settings = {"format": "QDQ", "per_channel": True, "weights": "QInt8", "activations": "QUInt8",
-                "calibrate_method": ORT_METHODS[method]}
+                "calibrate_method": ORT_METHODS[method], "reduce_range": not has_vnni()}
 
     def run() -> None:
         try:
@@ -267,7 +274,8 @@ def quantize_ort(fp_onnx: Path, feed: CalibrationFeed, method: str, work: Path, 
         # a multiple of it). MinMax holds only its ReduceMin/ReduceMax scalars, so it needs no bound.
         q.quantize_static(str(pre), str(out), _Reader(feed, spec.input_names), quant_format=q.QuantFormat.QDQ,
                           per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          calibrate_method=getattr(q.CalibrationMethod, ORT_METHODS[method]))
+                          calibrate_method=getattr(q.CalibrationMethod, ORT_METHODS[method]),
+                          reduce_range=settings["reduce_range"])
 
     # ORT's shape inference leaves temporary files (``*.data``, ``sym_shape_infer_temp.onnx``) in the
     # working directory: run it inside ``work`` so a benchmark does not litter the checkout.
