@@ -178,6 +178,9 @@ def test_weight_storage_auto_and_uint8_give_identical_values(tmp_path):
     low_bits = dict(quantized_layers(_quantized_cnn(4, 4)))["features.5"]
     low_bits.input_quantizer.zero_point.fill_(8.0)
     assert weight_storage(low_bits, vnni=False) == "int8"  # 4-bit codes cannot saturate a 16-bit pair sum
+    seven = dict(quantized_layers(_quantized_cnn(7, 8)))["features.5"]
+    seven.input_quantizer.zero_point.fill_(100.0)  # 8-bit two-sided codes, 7-bit weights: 2*255*64 <= 32767
+    assert seven.weight_quantizer.qmin == -64 and weight_storage(seven, vnni=False) == "int8"
     # With VNNI or AMX products are summed in 32 bits: int8 everywhere, the fast path.
     assert {weight_storage(layer, vnni=True) for layer in [two_sided, *layers.values()]} == {"int8"}
     x = _images(16, 3)
