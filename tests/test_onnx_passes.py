@@ -14,9 +14,14 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from reparq.deploy import ort_runner  # noqa: E402
+from reparq.eval.latency import has_vnni  # noqa: E402
 from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, fuse_linear_bias_for_onnxruntime,  # noqa: E402
                                        quantize_before_split)
 
+# Full-range int8 weight codes where the CPU sums u8 x s8 products in 32 bits (VNNI/AMX); without
+# it ORT's vpmaddubsw saturates pair sums above 32767 in an order-dependent way, so a rewritten and
+# an original graph could differ there for that reason alone: codes within +-64 cannot saturate.
+WEIGHT_CODE = 127 if has_vnni() else 64
 RNG = np.random.default_rng(0)
 
 
@@ -45,8 +50,7 @@ def _linear_graph(bias: bool, weights: str = "int8", activations: str = "uint8")
     offset = 128 if weights == "uint8" else 0
     inits = {"sx": np.array(0.05, np.float32),
              "zx": np.array(120, np.uint8) if activations == "uint8" else np.array(0, np.int8),
-             # codes within +-64: u8 x s8 pair sums stay below 32767, so the result is exact on AVX2-only CPUs too
-             "W": (RNG.integers(-64, 64, (16, 24)) + offset).astype(weights),
+             "W": (RNG.integers(-WEIGHT_CODE, WEIGHT_CODE + 1, (16, 24)) + offset).astype(weights),
              "sw": (RNG.random(24) * 0.01 + 0.002).astype(np.float32), "zw": np.full(24, offset, weights),
              "b": RNG.standard_normal(24).astype(np.float32)}
     nodes = _qdq("x", "x", "sx", "zx") + [
@@ -149,7 +153,7 @@ def test_split_with_one_float_reader_is_left_alone():
 
 def _stem_graph(weight_dtype=np.int8, weight_zero=0, height=16):
     """RGB stem as exported: Q -> DQ -> Conv 3x3 stride 2 pad 1 (DQ'd integer weight) -> Relu -> Q."""
-    weight = RNG.integers(-64, 64, (8, 3, 3, 3)) + weight_zero
+    weight = RNG.integers(-WEIGHT_CODE, WEIGHT_CODE + 1, (8, 3, 3, 3)) + weight_zero
     inits = {"sx": np.array(0.02, np.float32), "zx": np.array(128, np.uint8), "W": weight.astype(weight_dtype),
              "sw": (RNG.random(8) * 0.01 + 0.001).astype(np.float32), "zw": np.full(8, weight_zero, weight_dtype),
              "b": (RNG.standard_normal(8) * 0.1).astype(np.float32), "so": np.array(0.01, np.float32),

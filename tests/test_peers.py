@@ -286,7 +286,7 @@ def test_weight_only_peers_round_the_decoder_weights_to_4_bits(method):
 
 @pytest.mark.parametrize("vnni", [False, True])
 def test_ort_peer_reduces_weights_to_7_bits_exactly_on_cpus_without_vnni(tmp_path, monkeypatch, vnni):
-    """ORT's documented CPU settings: ``reduce_range`` (weights in [-64, 63]) without VNNI/AMX, full int8 with."""
+    """ORT's documented CPU settings: ``reduce_range`` (weight codes within +-64) without VNNI/AMX, full int8 with."""
     import onnx
     from onnx import numpy_helper
 
