@@ -317,3 +317,67 @@ def test_dry_run_plan_lists_dual_clipping_only_where_auto_runs_it():
     assert "dual-clip" not in transforms(tiny_bert(), RepQuantOptions())
     assert "dual-clip" in transforms(tiny_llama(), RepQuantOptions())
     assert "dual-clip" in transforms(tiny_bert(), RepQuantOptions(clip_iters=5))
+
+
+def test_norms_mode_folds_only_norm_outputs():
+    """``consumer_fold="norms"``: the post-LN norms' consumers (qkv, fc1), not the attention output
+    projection and fc2; anything else is refused by name."""
+    from reparq.errors import ReparqError
+    from reparq.recipes.reparam import reparam_groups
+
+    batches = [token_batch(4, 12, seed=s, pad=False) for s in range(2)]
+    cfg = QuantConfig(w_bits=8, a_bits=8, keep_first_last_8bit=False)
+    pairs = prepare_transformer(tiny_bert(), batches, cfg, RepQViTOptions(consumer_fold="norms"), seed=0,
+                                reporter=SILENT)
+    assert len(pairs) == 2 * LAYERS and all(g.norm for g in pairs)
+    with pytest.raises(ReparqError, match="consumer_fold"):
+        reparam_groups(tiny_bert(), consumer_fold="inner")
+    with pytest.raises(ReparqError, match="consumer_fold"):
+        RepQViTOptions(consumer_fold="all")
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, bert) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def test_post_ln_affines_are_absorbed_by_the_norms_on_export(tmp_path):
+    """A post-LN BERT's consumer-side affines on the norm outputs leave the exported graph: each
+    norm computes its quantized readers' input itself and the residual takes the plain values back
+    through one Mul; ORT reproduces the fake-quant model as before the rewrite."""
+    import onnx
+
+    from reparq.deploy import onnx_export, ort_runner
+
+    batches = [token_batch(4, 12, seed=s, pad=False) for s in range(3)]
+    qmodel = reparq.quantize(tiny_bert(), batches, recipe="repqvit", consumer_fold="norms",
+                             keep_first_last_8bit=False)
+    assert sum(1 for _, l in quantized_layers(qmodel) if l._modules.get("input_affine") is not None) == 4 * LAYERS
+    x = token_batch(4, 12, seed=9, pad=False)
+    example = (x["input_ids"][:1], x["attention_mask"][:1])
+    names = ["input_ids", "attention_mask"]
+    dynamic = {n: {0: "batch"} for n in names}
+    path = reparq.export_onnx(_Hidden(qmodel), tmp_path / "bert.onnx", example, input_names=names,
+                              output_names=["hidden"], dynamic_axes=dynamic)
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    quantized_norm_reads = [n for n in graph.node if n.op_type == "QuantizeLinear"
+                            and producers[n.input[0]].op_type == "LayerNormalization"]
+    assert len(quantized_norm_reads) == 2 * LAYERS  # qkv (one quantizer) and fc1 per layer
+    assert sum(n.name.endswith("restore_mul") for n in graph.node) == 2 * LAYERS
+    assert not any(n.name.endswith("restore_add") for n in graph.node)  # every offset went into a bias
+    feeds = {k: v.numpy() for k, v in x.items()}
+    got = ort_runner.make_session(path, optimize=False).run(None, feeds)[0]
+    # The same export without the rewrite, as the reference for what changed.
+    plain = tmp_path / "plain.onnx"
+    onnx_export.torch_to_onnx(onnx_export.export_module(_Hidden(qmodel), "auto"), plain, example, names,
+                              ["hidden"], dynamic, onnx_export.OPSET)
+    ref = ort_runner.make_session(plain, optimize=False).run(None, feeds)[0]
+    with torch.no_grad():
+        fake = _Hidden(qmodel)(**x).numpy()
+    assert np.abs(ref - fake).max() <= 1e-3 * np.abs(fake).max()
+    assert np.abs(got - ref).max() <= 1e-3 * np.abs(fake).max()

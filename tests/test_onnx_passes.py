@@ -206,3 +206,67 @@ def test_equal_quantizers_of_one_tensor_become_one(tmp_path):
     after, _ = _run(model, tmp_path, "after", {"x": x})
     for got, ref in zip(after, before):
         np.testing.assert_array_equal(got, ref)
+
+
+def _norm_affine_graph(m_values, residual_from_bias: bool = True):
+    """x -> LayerNorm -> y; three readers ``Q(y * m_i + a)`` (a consumer-side fold's affines), the
+    residual ``(h @ W + b) + y`` (or ``h + y``) and ``Shape(y)``."""
+    c = 8
+    inits = {"gamma": (RNG.random(c) + 0.5).astype(np.float32), "beta": RNG.standard_normal(c).astype(np.float32),
+             "a": RNG.standard_normal(c).astype(np.float32) * 0.3,
+             "s": np.array(0.02, np.float32), "z": np.array(128, np.uint8),
+             "W": RNG.standard_normal((c, c)).astype(np.float32), "b": RNG.standard_normal(c).astype(np.float32)}
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5),
+             helper.make_node("Shape", ["y"], ["shape"])]
+    outs = [helper.make_tensor_value_info("shape", TensorProto.INT64, None)]
+    for i, m in enumerate(m_values):
+        inits[f"m{i}"] = m
+        nodes += [helper.make_node("Mul", ["y", f"m{i}"], [f"ym{i}"]), helper.make_node("Add", [f"ym{i}", "a"], [f"ya{i}"])]
+        nodes += _qdq(f"c{i}", f"ya{i}", "s", "z")
+        outs.append(helper.make_tensor_value_info(f"c{i}_dq", TensorProto.FLOAT, None))
+    if residual_from_bias:
+        nodes += [helper.make_node("MatMul", ["h", "W"], ["hw"]), helper.make_node("Add", ["hw", "b"], ["dense"]),
+                  helper.make_node("Add", ["dense", "y"], ["res"])]
+    else:
+        nodes.append(helper.make_node("Add", ["h", "y"], ["res"]))
+    outs.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, None))
+    shape = [4, 6, c]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "h")]
+    feeds = {n: (RNG.standard_normal(shape) * 3).astype(np.float32) for n in ("x", "h")}
+    return _model(nodes, inputs, outs, inits), feeds
+
+
+@pytest.mark.parametrize("residual_from_bias", [True, False])
+def test_norm_absorbs_its_readers_equal_input_affines(tmp_path, residual_from_bias):
+    """The norm computes ``y * m + a`` itself: the three Mul + Add pairs are gone, one quantizer is
+    left, the residual gets the plain values back through one Mul (its offset in the dense bias,
+    or in one Add where the residual has no bias to take it). Same values to float rounding."""
+    from reparq.deploy.onnx_passes import absorb_input_affines_into_norms, merge_duplicate_quantizers
+
+    m = (RNG.random(8) * 3 + 0.2).astype(np.float32)
+    model, feeds = _norm_affine_graph([m, m.copy(), m.copy()], residual_from_bias)
+    before, _ = _run(model, tmp_path, "before", feeds)
+    assert absorb_input_affines_into_norms(model) == 1
+    assert merge_duplicate_quantizers(model) == 2
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Mul") == 1 and ops.count("QuantizeLinear") == 1
+    # The offset went into the dense bias (Adds: bias, residual) or into an Add of its own (restore, residual).
+    assert ops.count("Add") == 2
+    assert any(n.name.endswith("restore_add") for n in model.graph.node) == (not residual_from_bias)
+    after, counts = _run(model, tmp_path, "after", feeds)
+    np.testing.assert_array_equal(after[0], before[0])  # the Shape reader
+    step = 0.02
+    for got, ref in zip(after[1:4], before[1:4]):  # the quantized readers: the same codes but at a half-step tie
+        assert np.abs(got - ref).max() <= step * 1.001 and np.mean(got != ref) < 0.01
+    np.testing.assert_allclose(after[4], before[4], rtol=1e-5, atol=1e-5)
+
+
+def test_norm_keeps_readers_whose_affines_differ():
+    """Two different affines on one norm: the norm can compute only one, so nothing changes."""
+    from reparq.deploy.onnx_passes import absorb_input_affines_into_norms
+
+    m = (RNG.random(8) + 0.5).astype(np.float32)
+    model, _ = _norm_affine_graph([m, m * 2])
+    nodes = [n.op_type for n in model.graph.node]
+    assert absorb_input_affines_into_norms(model) == 0
+    assert [n.op_type for n in model.graph.node] == nodes

@@ -26,7 +26,8 @@ replaced by one whose forward computes the same fake-quant values and whose ``sy
 ``autograd.Function`` the TorchScript exporter honours) emits the QDQ nodes; no onnxscript (the
 dynamo exporter's dependency, not installed here). Passes over the ONNX graph follow
 (:mod:`reparq.deploy.onnx_passes`): outputs requantized where no layer does, scalar multiplies
-folded into scales, q/k/v quantized before their Split, RGB stems as SpaceToDepth + 2x2 conv, float
+folded into scales, q/k/v quantized before their Split, a post-LN norm's input affines absorbed
+by the norm, RGB stems as SpaceToDepth + 2x2 conv, float
 weights where a conv stays float. ``onnx`` and ``torch.onnx`` are imported only when a
 function of this module runs.
 """
@@ -42,8 +43,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from reparq.deploy.onnx_passes import (fold_scalar_mul_into_dequantize, float_weights_where_unfused,
-                                      fuse_linear_bias_for_onnxruntime, merge_duplicate_quantizers,
+from reparq.deploy.onnx_passes import (absorb_input_affines_into_norms, fold_scalar_mul_into_dequantize,
+                                      float_weights_where_unfused, fuse_linear_bias_for_onnxruntime,
+                                      merge_duplicate_quantizers,
                                       quantize_before_split, requantize_unfused_convs, space_to_depth_stems)
 from reparq.errors import ReparqError
 from reparq.nn.qmodules import QConv2d, QLinear, QuantizedLayer, quantized_layers
@@ -456,6 +458,7 @@ def export_onnx(qmodel: nn.Module, path: str | Path, example_input: Any = None, 
         proto.metadata_props.add(key="reparq.requantized", value=",".join(requantized))
     fold_scalar_mul_into_dequantize(proto)
     quantize_before_split(proto)
+    absorb_input_affines_into_norms(proto)
     merge_duplicate_quantizers(proto)
     space_to_depth_stems(proto)
     float_weights_where_unfused(proto)

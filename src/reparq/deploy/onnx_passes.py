@@ -12,6 +12,10 @@ exporter writes from a fake-quant model misses them in three places, each fixed 
   Mul into a float ``FusedMatMul`` and runs the second as a float pass;
   :func:`fold_scalar_mul_into_dequantize` moves ``c`` into the scale.
 
+A consumer-side fold's ``LN(x) * m + a`` in front of each of a post-LN norm's quantized consumers
+goes into the norm's affine (:func:`absorb_input_affines_into_norms`), the residual reading the
+plain values back through one Mul.
+
 One more, ORT-only (opt-in, the graph then needs ONNX Runtime): the Linear bias taken into
 ``MatMulIntegerToFloat`` (:func:`fuse_linear_bias_for_onnxruntime`).
 
@@ -476,3 +480,113 @@ def merge_duplicate_quantizers(proto) -> int:
         graph.node.remove(node)
     _drop_unused_initializers(graph)
     return len(removed)
+
+
+def _input_affine_chain(mul, index: _GraphIndex, source: str):
+    """``(mul, add, m, a)`` where ``mul`` starts ``source * m + a`` whose result only
+    QuantizeLinear nodes read (a consumer-side fold's input affine, ``InputAffine``), else None."""
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    m = index.const.get(mul.input[1] if mul.input[0] == source else mul.input[0])
+    after = index.consumers.get(mul.output[0], [])
+    if m is None or m.ndim != 1 or len(after) != 1 or after[0].op_type != "Add" or mul.output[0] in index.outputs:
+        return None
+    add = after[0]
+    a = index.const.get(add.input[1] if add.input[0] == mul.output[0] else add.input[0])
+    readers = index.consumers.get(add.output[0], [])
+    if a is None or a.shape != m.shape or not readers or add.output[0] in index.outputs \
+            or any(r.op_type != "QuantizeLinear" for r in readers):
+        return None
+    return mul, add, m, a
+
+
+def _bias_add(name: str, index: _GraphIndex, width: int):
+    """The ``Add`` of a constant 1-D bias of ``width`` that produces ``name`` and feeds nothing
+    else, with the bias input's position, or None."""
+    node = index.producers.get(name)
+    if node is None or node.op_type != "Add" or len(index.consumers.get(name, [])) != 1 or name in index.outputs:
+        return None
+    for k, inp in enumerate(node.input):
+        bias = index.const.get(inp)
+        if bias is not None and bias.ndim == 1 and bias.shape[0] == width:
+            return node, k
+    return None
+
+
+def absorb_input_affines_into_norms(proto) -> int:
+    """A LayerNorm's output read through per-channel ``* m + a`` affines: the norm computes the
+    affine's result instead, and its other readers get the plain output back through one ``Mul``.
+
+    A post-LN model's consumer-side fold (BERT: the norm's output is also the residual) leaves
+    ``LN(x) * m + a`` in front of every quantized consumer: for query, key and value the same
+    affine three times, each a float pass over the hidden states, where ORT fuses nothing.
+    With ``gamma' = gamma m`` and ``beta' = beta m + a`` the norm writes the affine's output
+    itself; the residual reads ``LN'(x) / m - a / m``, whose constant goes into the bias of the
+    Linear it is added to (the sublayer output ``dense(h) + residual``), leaving one Mul. The
+    quantizers then read one tensor, so :func:`merge_duplicate_quantizers` keeps one of them.
+    Same values to float rounding (a code can flip where an input lands within rounding of a
+    half step). Only where every affine on the norm's output is equal, nonzero, and read only by
+    QuantizeLinear. Returns how many norms absorbed one."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    index = _index(graph)
+    absorbed = 0
+    for norm in [n for n in graph.node if n.op_type == "LayerNormalization"]:
+        out = norm.output[0]
+        if len(norm.input) < 3 or any(index.consumers.get(o) for o in norm.output[1:]) or out in index.outputs:
+            continue
+        gamma, beta = index.const.get(norm.input[1]), index.const.get(norm.input[2])
+        readers = index.consumers.get(out, [])
+        chains = [c for c in (_input_affine_chain(r, index, out) for r in readers) if c is not None]
+        if gamma is None or beta is None or not chains or gamma.ndim != 1:
+            continue
+        m, a = chains[0][2], chains[0][3]
+        if m.shape != gamma.shape or not all(np.array_equal(c[2], m) and np.array_equal(c[3], a) for c in chains) \
+                or not np.all(np.isfinite(m)) or np.any(m == 0) or not np.all(np.isfinite(a)):
+            continue
+        in_chain = {id(n) for c in chains for n in c[:2]}
+        others = [r for r in readers if id(r) not in in_chain]
+        restore = [r for r in others if r.op_type != "Shape"]  # a Shape reads the same shape either way
+        m64, a64 = m.astype(np.float64), a.astype(np.float64)
+        offset = (-a64 / m64).astype(np.float32)
+        # Every reader that needs the plain values must take the offset into a bias, or keep an Add.
+        folds = []
+        for reader in restore:
+            other = next((i for i in reader.input if i != out), None) if reader.op_type == "Add" else None
+            found = _bias_add(other, index, m.shape[0]) if other is not None else None
+            folds.append(found)
+        name = norm.name or out
+        gamma_name, beta_name = f"{name}/absorbed_gamma", f"{name}/absorbed_beta"
+        graph.initializer.extend([
+            numpy_helper.from_array((gamma.astype(np.float64) * m64).astype(np.float32), gamma_name),
+            numpy_helper.from_array((beta.astype(np.float64) * m64 + a64).astype(np.float32), beta_name)])
+        norm.input[1], norm.input[2] = gamma_name, beta_name
+        for mul, add, _, _ in chains:
+            for r in index.consumers[add.output[0]]:
+                r.input[list(r.input).index(add.output[0])] = out
+            graph.node.remove(mul)
+            graph.node.remove(add)
+        if restore:
+            position = list(graph.node).index(norm) + 1
+            inv_name, plain = f"{name}/restore_scale", f"{name}/restored"
+            graph.initializer.append(numpy_helper.from_array((1.0 / m64).astype(np.float32), inv_name))
+            new = [helper.make_node("Mul", [out, inv_name], [plain], name=f"{name}/restore_mul")]
+            if any(f is None for f in folds):
+                off_name, shifted = f"{name}/restore_offset", f"{name}/restored_shifted"
+                graph.initializer.append(numpy_helper.from_array(offset, off_name))
+                new.append(helper.make_node("Add", [plain, off_name], [shifted], name=f"{name}/restore_add"))
+            for node in reversed(new):
+                graph.node.insert(position, node)
+            for reader, found in zip(restore, folds):
+                target = plain if found is not None else new[-1].output[0]
+                reader.input[list(reader.input).index(out)] = target
+                if found is not None:
+                    bias_node, k = found
+                    bias = index.const[bias_node.input[k]].astype(np.float64)
+                    bias_name = f"{bias_node.name or bias_node.output[0]}/bias_with_restore_offset"
+                    graph.initializer.append(numpy_helper.from_array((bias + offset).astype(np.float32), bias_name))
+                    bias_node.input[k] = bias_name
+        absorbed += 1
+    _drop_unused_initializers(graph)
+    return absorbed

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
+from reparq.errors import ReparqError
 from reparq.model.postnorm import (NormPair, find_consumer_side_groups, find_postnorm_pairs, find_producer_groups,
                                    fold_at_consumers, fold_into_producer, fold_postnorm, norm_has_bias,
                                    shared_zero_point_params)
@@ -77,20 +78,31 @@ def grid_consumers(layers: list[QuantizedLayer]) -> list[QuantizedLayer]:
     return [l for l in layers if l.input_quantizer.bits == bits]
 
 
-def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | None = False,
+CONSUMER_FOLD_MODES = (True, False, None, "norms")
+
+
+def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | str | None = False,
                    producer_fold: bool = False) -> list[NormPair]:
     """The groups a transformer recipe calibrates per channel: post-norm pairs that fold into
     their norm (``norms``), with ``producer_fold`` the inner inputs that fold into the Linear that
     produced them (LLaMA's down_proj into up_proj, OPT's fc2 into fc1) and, with
     ``consumer_fold``, the inputs that fold only at the consumer (an input affine; not for those
     a producer takes). ``consumer_fold=None`` ("auto"): only on post-LN models (BERT), whose norms
-    all feed the residual, so that without it nothing there would be calibrated per channel."""
+    all feed the residual, so that without it nothing there would be calibrated per channel.
+    ``consumer_fold="norms"``: only the norm outputs (post-LN BERT's qkv and fc1 inputs), not the
+    block-inner inputs (attention output projection, fc2). The published method's scope, and the
+    cheaper graph: a norm output's affine is absorbed by the norm at export, leaving one Mul on the
+    residual (``onnx_passes.absorb_input_affines_into_norms``), while an inner input keeps a
+    per-channel Mul + Add at run time."""
+    if consumer_fold not in CONSUMER_FOLD_MODES:
+        raise ReparqError(f"consumer_fold must be True, False, None (auto) or 'norms', got {consumer_fold!r}")
     pairs = find_postnorm_pairs(model) if norms else []
     produced = find_producer_groups(model) if producer_fold else []
     pairs += produced
     if consumer_fold or (consumer_fold is None and is_post_ln(model)):
         taken = {c for g in produced for c in g.consumers}
-        pairs += [g for g in find_consumer_side_groups(model) if not taken.intersection(g.consumers)]
+        pairs += [g for g in find_consumer_side_groups(model) if not taken.intersection(g.consumers)
+                  and (consumer_fold != "norms" or g.norm)]
     return quantizable_pairs(model, pairs)
 
 

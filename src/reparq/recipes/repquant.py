@@ -36,6 +36,7 @@ finishes within the 5-minute budget on 2 cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -58,7 +59,7 @@ class RepQuantOptions(ReconOptions, RepQViTOptions):
     # models (BERT), where the learned bounds cost cosine at every width (see clip_iters_for)
     clip_iters: int | None = None
     clip_lr: float = 1e-3  # in units of each channel's initial range per step (Adam)
-    consumer_fold: bool | None = None  # None: on for post-LN models (BERT) only; see RepQViTOptions
+    consumer_fold: bool | Literal["norms"] | None = None  # None: on for post-LN models (BERT) only; see RepQViTOptions
     # None: on (LLaMA's down_proj, OPT's fc2 calibrated per channel, folded into up_proj / fc1).
     # Measured on llama_fm W8A8 (128 calibration windows, 256 held out, 50 steps, seed 0;
     # benchmarks/diag_llama_down_proj.py): perplexity +0.044 without, +0.003 with (down_proj kept float:

@@ -21,6 +21,7 @@ reference takes 32 images).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch.nn as nn
 
@@ -35,8 +36,8 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.probs_choice import choose_probability_grids
 from reparq.recipes.registry import register_recipe
-from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm_in_passes, fold_postnorm_pairs, is_post_ln,
-                                    percentile_activation_params, reparam_groups)
+from reparq.recipes.reparam import (CHANNEL_METHODS, CONSUMER_FOLD_MODES, calibrate_postnorm_in_passes,
+                                    fold_postnorm_pairs, is_post_ln, percentile_activation_params, reparam_groups)
 
 RANGE_MODES = ("percentile", "config", "auto")
 
@@ -50,7 +51,9 @@ class RepQViTOptions:
     reparam: bool = True  # False: leave the post-norm inputs per tensor (ablation)
     # True: also the Linear inputs that only a consumer-side fold can serve (post-LN norms that
     # feed the residual, the attention output projection, fc2), at one float multiply-add each.
-    consumer_fold: bool = False
+    # "norms": only the post-LN norm outputs (not the attention output projection and fc2), whose
+    # affine the norm absorbs at export: the fast graph (README, speed at real sizes).
+    consumer_fold: bool | Literal["norms"] = False
     # True: also the inner inputs whose per-channel division folds into the Linear that produced
     # them (LLaMA's down_proj into up_proj, OPT's fc2 into fc1): exact and free at run time. Not in
     # the RepQ-ViT paper, so off here; ``repquant`` turns it on (see RepQuantOptions).
@@ -69,6 +72,8 @@ class RepQViTOptions:
             raise ReparqError(f"channel_ranges must be one of {', '.join(CHANNEL_METHODS)}, got {self.channel_ranges!r}")
         if self.consumer_alpha is not None and not 0.0 <= self.consumer_alpha <= 1.0:
             raise ReparqError(f"consumer_alpha must be within [0, 1], got {self.consumer_alpha}")
+        if self.consumer_fold not in CONSUMER_FOLD_MODES:
+            raise ReparqError(f"consumer_fold must be true, false, auto (None) or 'norms', got {self.consumer_fold!r}")
         if self.probs not in PROBS_KINDS + ("auto",):
             raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, auto; got {self.probs!r}")
 
