@@ -155,7 +155,7 @@ def float_graph(case: Case) -> nn.Module:
     return case.wrap(fp)
 
 
-def ort_quantize_static(fp_path: Path, case: Case, work: Path) -> tuple[Path, float]:
+def ort_quantize_static(fp_path: Path, case: Case, work: Path) -> tuple[Path, float, dict]:
     """ONNX Runtime's own int8 graph, made the way its documentation tells a user to (the peers
     benchmark's adapter: ``quant_pre_process``, QDQ, per-channel, MinMax, run inside ``work``)."""
     from reparq.eval.peers import CalibrationFeed, OnnxSpec, quantize_ort
@@ -166,7 +166,7 @@ def ort_quantize_static(fp_path: Path, case: Case, work: Path) -> tuple[Path, fl
         feed = CalibrationFeed([tuple(case.calib[k][i:i + 8] for k in case.input_names)
                                 for i in range(0, len(case.calib["input_ids"]), 8)])
     peer = quantize_ort(fp_path, feed, "ort-minmax", work, OnnxSpec(case.input_names))
-    return peer.onnx_path, peer.calib_seconds
+    return peer.onnx_path, peer.calib_seconds, peer.settings
 
 
 def _outputs(session, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -190,13 +190,18 @@ def model_rows(case: Case, args, work: Path) -> list[dict]:
     variants: dict[str, dict] = {}
     paths: dict[str, Path] = {}
     quantized: dict[str, tuple[nn.Module, float]] = {}
-    for method, kwargs in (("minmax", {"recipe": "minmax"}), ("recommended", {"config": "w8a8", "iters": args.iters})):
+    recipes = [("minmax", {"recipe": "minmax"}), ("recommended", {"config": "w8a8", "iters": args.iters})]
+    # (variant key, model, export runtime): both recipes as deployed on ORT, and minmax's portable QDQ graph.
+    exports = [("minmax", "minmax", "onnxruntime"), ("recommended", "recommended", "onnxruntime"),
+               ("minmax-any", "minmax", "any")]
+    if tag in TEXT_MODELS:  # post-LN: the recommended recipe with per-channel grids on the norm outputs only
+        recipes.append(("recommended-norms", {"config": "w8a8", "iters": args.iters, "consumer_fold": "norms"}))
+        exports.append(("recommended-norms", "recommended-norms", "onnxruntime"))
+    for method, kwargs in recipes:
         t0 = time.perf_counter()
         qmodel = reparq.quantize(case.net, case.calib, batch_size=8, seed=args.seed, **kwargs)
         quantized[method] = (qmodel, time.perf_counter() - t0)
-    # (variant key, model, export runtime): both recipes as deployed on ORT, and minmax's portable QDQ graph.
-    for key, method, runtime in (("minmax", "minmax", "onnxruntime"), ("recommended", "recommended", "onnxruntime"),
-                                 ("minmax-any", "minmax", "any")):
+    for key, method, runtime in exports:
         qmodel, seconds = quantized[method]
         recipe = qmodel.reparq_info.recipe
         q_enc = case.wrap(qmodel)
@@ -208,17 +213,20 @@ def model_rows(case: Case, args, work: Path) -> list[dict]:
             ref = q_enc(*args_t).numpy()
         got = _outputs(ort_runner.make_session(paths[key], threads=1), case.eval_inputs)
         ints, floats = _kernels(ort_runner.optimized_op_counts(paths[key]))
-        label = f"reparq {recipe}" + (" (recommended)" if method == "recommended" else "")
+        label = f"reparq {recipe}" + {"recommended": " (recommended)",
+                                      "recommended-norms": " (recommended, consumer_fold=norms)"}.get(method, "")
         variants[key] = {"variant": label + (", portable QDQ (runtime=any)" if runtime == "any" else ""),
                          "recipe": recipe, "runtime": runtime, "calib_seconds": round(seconds, 1),
                          "int8_kernels": ints, "float_ops": floats, **_check(ref, got, case.classifier)}
         print(case.name, variants[key], flush=True)
-    paths["ort"], ort_seconds = ort_quantize_static(fp_path, case, work)
+    paths["ort"], ort_seconds, ort_settings = ort_quantize_static(fp_path, case, work)
     ints, floats = _kernels(ort_runner.optimized_op_counts(paths["ort"]))
     fp_ref = _outputs(ort_runner.make_session(fp_path, threads=1), case.eval_inputs)
     got = _outputs(ort_runner.make_session(paths["ort"], threads=1), case.eval_inputs)
-    variants["ort"] = {"variant": "ORT quantize_static (QDQ, per-channel, MinMax)", "recipe": "ort-minmax",
-                       "calib_seconds": round(ort_seconds, 1), "int8_kernels": ints, "float_ops": floats,
+    reduced = ", reduce_range (7-bit weights)" if ort_settings.get("reduce_range") else ""
+    variants["ort"] = {"variant": f"ORT quantize_static (QDQ, per-channel, MinMax{reduced})", "recipe": "ort-minmax",
+                       "calib_seconds": round(ort_seconds, 1), "settings": ort_settings, "int8_kernels": ints,
+                       "float_ops": floats,
                        **{f"fp_{k}": v for k, v in _check(fp_ref, got, case.classifier).items()}}
     target = 0.40 if tag in CONVNETS or tag in TEXT_MODELS else 0.55
     rows = []
