@@ -39,7 +39,7 @@ import reparq  # noqa: E402
 from latency import SentenceEncoder, _kernels, _runner, write  # noqa: E402
 from reparq.deploy import ort_runner  # noqa: E402
 from reparq.deploy.onnx_export import torch_to_onnx  # noqa: E402
-from reparq.eval.latency import int8_instructions, time_interleaved  # noqa: E402
+from reparq.eval.latency import has_vnni, int8_instructions, time_interleaved  # noqa: E402
 from reparq.report.results import source_version  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,7 +50,8 @@ CONVNETS = ("repvgg_a0", "repvgg_b0", "mobileone_s0")
 SEQ = 128
 COLUMNS = (("model", "model"), ("variant", "int8 graph"), ("batch", "batch"), ("threads", "threads"),
            ("fp_ms", "FP32 ms"), ("int8_ms", "int8 ms"), ("ratio", "int8/FP32"), ("vs_ort", "vs ORT int8"),
-           ("target", "target"), ("cosine", "cos vs fake-quant"), ("agreement", "top-1 agr."),
+           ("target", "target"), ("cosine", "cos vs fake-quant"), ("fp_cosine", "cos vs FP32"),
+           ("agreement", "top-1 agr."),
            ("int8_kernels", "int8 kernels"), ("float_ops", "float compute ops"), ("int8_isa", "CPU int8"))
 
 
@@ -197,6 +198,10 @@ def model_rows(case: Case, args, work: Path) -> list[dict]:
     if tag in TEXT_MODELS:  # post-LN: the recommended recipe with per-channel grids on the norm outputs only
         recipes.append(("recommended-norms", {"config": "w8a8", "iters": args.iters, "consumer_fold": "norms"}))
         exports.append(("recommended-norms", "recommended-norms", "onnxruntime"))
+    if not has_vnni():  # ORT's reduce_range trade made in reparq: 7-bit weights stay int8 without saturating
+        recipes.append(("minmax-w7", {"recipe": "minmax", "w_bits": 7}))
+        exports.append(("minmax-w7", "minmax-w7", "onnxruntime"))
+    fp_ref = _outputs(ort_runner.make_session(fp_path, threads=1), case.eval_inputs)
     for method, kwargs in recipes:
         t0 = time.perf_counter()
         qmodel = reparq.quantize(case.net, case.calib, batch_size=8, seed=args.seed, **kwargs)
@@ -214,14 +219,16 @@ def model_rows(case: Case, args, work: Path) -> list[dict]:
         got = _outputs(ort_runner.make_session(paths[key], threads=1), case.eval_inputs)
         ints, floats = _kernels(ort_runner.optimized_op_counts(paths[key]))
         label = f"reparq {recipe}" + {"recommended": " (recommended)",
-                                      "recommended-norms": " (recommended, consumer_fold=norms)"}.get(method, "")
+                                      "recommended-norms": " (recommended, consumer_fold=norms)",
+                                      "minmax-w7": ", w_bits=7 (ORT's reduce_range trade)"}.get(method, "")
         variants[key] = {"variant": label + (", portable QDQ (runtime=any)" if runtime == "any" else ""),
                          "recipe": recipe, "runtime": runtime, "calib_seconds": round(seconds, 1),
-                         "int8_kernels": ints, "float_ops": floats, **_check(ref, got, case.classifier)}
+                         "w_bits": int(qmodel.reparq_info.config.get("w_bits", 8)),
+                         "int8_kernels": ints, "float_ops": floats, **_check(ref, got, case.classifier),
+                         **{f"fp_{k}": v for k, v in _check(fp_ref, got, case.classifier).items()}}
         print(case.name, variants[key], flush=True)
     paths["ort"], ort_seconds, ort_settings = ort_quantize_static(fp_path, case, work)
     ints, floats = _kernels(ort_runner.optimized_op_counts(paths["ort"]))
-    fp_ref = _outputs(ort_runner.make_session(fp_path, threads=1), case.eval_inputs)
     got = _outputs(ort_runner.make_session(paths["ort"], threads=1), case.eval_inputs)
     reduced = ", reduce_range (7-bit weights)" if ort_settings.get("reduce_range") else ""
     variants["ort"] = {"variant": f"ORT quantize_static (QDQ, per-channel, MinMax{reduced})", "recipe": "ort-minmax",
@@ -255,7 +262,7 @@ def _time_variants(case: Case, args, fp_path: Path, paths: dict, variants: dict,
             repeats = args.repeats if batch == 1 else args.big_repeats
             ms = time_interleaved(runs, repeats, inner, warmup=1)
             for method, info in variants.items():
-                rows.append({"model": case.name, "method": info["recipe"], "w_bits": 8, "a_bits": 8,
+                rows.append({"model": case.name, "method": info["recipe"], "w_bits": info.get("w_bits", 8), "a_bits": 8,
                              "seed": args.seed, "calib_samples": args.calib, **info, "batch": batch, "threads": threads,
                              "fp_ms": round(ms["fp"], 2), "int8_ms": round(ms[method], 2),
                              "ratio": round(ms[method] / ms["fp"], 3),
