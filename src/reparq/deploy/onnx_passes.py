@@ -277,14 +277,13 @@ def fuse_linear_bias_for_onnxruntime(proto) -> int:
             continue
         a_scale, w_int = index.const.get(act.input[1]), index.const[wdq.input[0]]
         add = after[0]
-        bias_name = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
-        bias = index.const.get(bias_name)
         axis = _attrs(wdq).get("axis", 1)
         w_scale = index.const[wdq.input[1]]
-        if a_scale is None or a_scale.size != 1 or w_int.ndim != 2 or bias is None or bias.ndim != 1 \
-                or bias.shape[0] != w_int.shape[1] or bias.shape[0] < 2 or (w_scale.size > 1 and axis != 1) \
-                or len(wdq.input) < 3:
+        k = _constant_bias_input(add, index, w_int.shape[1]) if w_int.ndim == 2 else None
+        if a_scale is None or a_scale.size != 1 or k is None or w_int.shape[1] < 2 \
+                or (w_scale.size > 1 and axis != 1) or len(wdq.input) < 3:
             continue
+        bias_name = add.input[k]
         position = list(graph.node).index(add)
         graph.node.insert(position, helper.make_node(
             "MatMulIntegerToFloat", [act.input[0], wdq.input[0], act.input[1], wdq.input[1], act.input[2],
@@ -500,17 +499,23 @@ def _input_affine_chain(mul, index: _GraphIndex, source: str):
     return mul, add, m, a
 
 
+def _constant_bias_input(add, index: _GraphIndex, width: int) -> int | None:
+    """The position of ``add``'s constant 1-D input of ``width`` (a Linear's bias), or None."""
+    for k, inp in enumerate(add.input):
+        bias = index.const.get(inp)
+        if bias is not None and bias.ndim == 1 and bias.shape[0] == width:
+            return k
+    return None
+
+
 def _bias_add(name: str, index: _GraphIndex, width: int):
     """The ``Add`` of a constant 1-D bias of ``width`` that produces ``name`` and feeds nothing
     else, with the bias input's position, or None."""
     node = index.producers.get(name)
     if node is None or node.op_type != "Add" or len(index.consumers.get(name, [])) != 1 or name in index.outputs:
         return None
-    for k, inp in enumerate(node.input):
-        bias = index.const.get(inp)
-        if bias is not None and bias.ndim == 1 and bias.shape[0] == width:
-            return node, k
-    return None
+    k = _constant_bias_input(node, index, width)
+    return None if k is None else (node, k)
 
 
 def absorb_input_affines_into_norms(proto) -> int:
@@ -546,8 +551,8 @@ def absorb_input_affines_into_norms(proto) -> int:
                 or not np.all(np.isfinite(m)) or np.any(m == 0) or not np.all(np.isfinite(a)):
             continue
         in_chain = {id(n) for c in chains for n in c[:2]}
-        others = [r for r in readers if id(r) not in in_chain]
-        restore = [r for r in others if r.op_type != "Shape"]  # a Shape reads the same shape either way
+        # A Shape reads the same shape either way; every other reader needs the plain values back.
+        restore = [r for r in readers if id(r) not in in_chain and r.op_type != "Shape"]
         m64, a64 = m.astype(np.float64), a.astype(np.float64)
         offset = (-a64 / m64).astype(np.float32)
         # Every reader that needs the plain values must take the offset into a bias, or keep an Add.

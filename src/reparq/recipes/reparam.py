@@ -81,6 +81,12 @@ def grid_consumers(layers: list[QuantizedLayer]) -> list[QuantizedLayer]:
 CONSUMER_FOLD_MODES = (True, False, None, "norms")
 
 
+def check_consumer_fold(consumer_fold: object) -> None:
+    """One message for a bad ``consumer_fold``, whether it comes from the options or the streamed path."""
+    if consumer_fold not in CONSUMER_FOLD_MODES:
+        raise ReparqError(f"consumer_fold must be True, False, None (auto) or 'norms', got {consumer_fold!r}")
+
+
 def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | str | None = False,
                    producer_fold: bool = False) -> list[NormPair]:
     """The groups a transformer recipe calibrates per channel: post-norm pairs that fold into
@@ -94,8 +100,7 @@ def reparam_groups(model: nn.Module, norms: bool = True, consumer_fold: bool | s
     cheaper graph: a norm output's affine is absorbed by the norm at export, leaving one Mul on the
     residual (``onnx_passes.absorb_input_affines_into_norms``), while an inner input keeps a
     per-channel Mul + Add at run time."""
-    if consumer_fold not in CONSUMER_FOLD_MODES:
-        raise ReparqError(f"consumer_fold must be True, False, None (auto) or 'norms', got {consumer_fold!r}")
+    check_consumer_fold(consumer_fold)
     pairs = find_postnorm_pairs(model) if norms else []
     produced = find_producer_groups(model) if producer_fold else []
     pairs += produced

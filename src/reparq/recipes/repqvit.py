@@ -36,7 +36,7 @@ from reparq.recipes.insert import insert_quantizers
 from reparq.recipes.prepare import prepare_for_deployment
 from reparq.recipes.probs_choice import choose_probability_grids
 from reparq.recipes.registry import register_recipe
-from reparq.recipes.reparam import (CHANNEL_METHODS, CONSUMER_FOLD_MODES, calibrate_postnorm_in_passes,
+from reparq.recipes.reparam import (CHANNEL_METHODS, calibrate_postnorm_in_passes, check_consumer_fold,
                                     fold_postnorm_pairs, is_post_ln, percentile_activation_params, reparam_groups)
 
 RANGE_MODES = ("percentile", "config", "auto")
@@ -72,8 +72,7 @@ class RepQViTOptions:
             raise ReparqError(f"channel_ranges must be one of {', '.join(CHANNEL_METHODS)}, got {self.channel_ranges!r}")
         if self.consumer_alpha is not None and not 0.0 <= self.consumer_alpha <= 1.0:
             raise ReparqError(f"consumer_alpha must be within [0, 1], got {self.consumer_alpha}")
-        if self.consumer_fold not in CONSUMER_FOLD_MODES:
-            raise ReparqError(f"consumer_fold must be true, false, auto (None) or 'norms', got {self.consumer_fold!r}")
+        check_consumer_fold(self.consumer_fold)
         if self.probs not in PROBS_KINDS + ("auto",):
             raise ReparqError(f"probs must be one of {', '.join(PROBS_KINDS)}, auto; got {self.probs!r}")
 
