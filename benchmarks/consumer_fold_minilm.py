@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             per_sentence[label] = torch.tensor(items["cosine"], dtype=torch.float64)
             for row in measured:
                 rows.append({"model": "minilm", "method": f"repquant, consumer_fold={label}", "bits": str(bits),
-                             "w_bits": bits.w, "a_bits": bits.a, "metric": row["metric"], "fp": row["fp"],
+                             "w_bits": bits.w, "a_bits": bits.a, "metric": row["metric"], "value": round(row["quant"], 5), "fp": row["fp"],
                              "quant": row["quant"], "delta": row["delta"], "calib_seconds": round(seconds, 1),
                              "seed": args.seed, "code": source_version()})
             print(text, label, measured[0]["quant"], measured[1]["quant"], round(seconds), flush=True)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
              "nearest-neighbour agreement; `repquant` with its defaults except `consumer_fold`.")
     write_results(args.out, "consumer_fold_minilm", command, rows, notes,
                   extra_sections="Paired over the held-out sentences:\n\n" + "\n".join(sections),
-                  extra_columns=("metric",))
+                  extra_columns=("metric", "value"))
     return 0
 
 
