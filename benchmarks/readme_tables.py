@@ -139,34 +139,72 @@ def latency_table() -> str:
     return "\n".join(lines)
 
 
-def latency_real_table() -> str:
-    """Batch 32, both thread counts: reparq's two exports and ORT's own int8 graph against ORT FP32."""
-    rows = _rows("latency_real")
+def _latency_real_kind(row: dict) -> str:
+    """Which column of the real-size tables a ``latency_real`` row fills."""
+    if row["method"] == "ort-minmax":
+        return "ort"
+    if row["method"] == "minmax":
+        return "portable" if row.get("runtime") == "any" else "w7" if row.get("w_bits") == 7 else "minmax"
+    return "norms" if "consumer_fold=norms" in row["variant"] else "recommended"
+
+
+def _latency_real_cells(name: str) -> dict[tuple, dict[str, dict]] | None:
+    """Batch-32 rows of ``results/<name>.json`` by (model, threads), then by column."""
+    rows = _rows(name)
     if rows is None:
-        return NOT_MEASURED
+        return None
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r["batch"] == 32:
-            kind = "ort" if r["method"] == "ort-minmax" else "minmax" if r["method"] == "minmax" else "recommended"
-            if kind == "minmax" and r.get("runtime") == "any":  # the portable export, beside the ORT one
-                kind = "portable"
-            cells.setdefault((r["model"], r["threads"]), {})[kind] = r
+            cells.setdefault((r["model"], r["threads"]), {})[_latency_real_kind(r)] = r
+    return cells
+
+
+def _ratio(row: dict | None, key: str = "ratio", digits: int = 2) -> str:
+    return "-" if row is None or row.get(key) is None else f"{row[key]:.{digits}f}"
+
+
+def latency_real_table() -> str:
+    """Batch 32, both thread counts: reparq's two exports and ORT's own int8 graph against ORT FP32."""
+    cells = _latency_real_cells("latency_real")
+    if cells is None:
+        return NOT_MEASURED
     lines = ["| model | threads | reparq `minmax` int8/FP32 | reparq recommended | reparq `minmax`, portable QDQ | "
              "ORT `quantize_static` | reparq / ORT int8 time (minmax, recommended) | target | int8 kernels (reparq) | "
              "float ops | CPU int8 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, threads), by in cells.items():
         mm, rec, ort, portable = by.get("minmax"), by.get("recommended"), by.get("ort"), by.get("portable")
-        ratio = lambda r: "-" if r is None else f"{r['ratio']:.2f}"  # noqa: E731
         rec_cell = "-" if rec is None else f"{rec['ratio']:.2f} (`{rec['recipe']}`)"
-        vs_ort = " / ".join("-" if r is None else f"{r['vs_ort']:.2f}" for r in (mm, rec))
+        vs_ort = " / ".join(_ratio(r, "vs_ort") for r in (mm, rec))
         kernels = (mm or {}).get("int8_kernels", "-")
         if rec is not None and rec.get("int8_kernels") != kernels:  # a recipe that changes the deployed graph
             kernels += f"; `{rec['recipe']}`: {rec.get('int8_kernels', '-')}"
-        lines.append(f"| {model} | {threads} | {ratio(mm)} | {rec_cell} | {ratio(portable)} | {ratio(ort)} | "
+        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {rec_cell} | {_ratio(portable)} | {_ratio(ort)} | "
                      f"{vs_ort} | {(mm or {}).get('target', '-')} | "
                      f"{kernels} | {(mm or {}).get('float_ops', '-')} | "
                      f"{(mm or {}).get('int8_isa', '-')} |")
+    return "\n".join(lines)
+
+
+def latency_real_avx2_table() -> str:
+    """The same on a CPU without VNNI, where the weight storage decides: the 7-bit-weight export
+    (ORT's reduce_range trade) and the cheaper post-LN graph beside the default ones, and each
+    graph's cosine to FP32, since those variants trade accuracy for speed."""
+    cells = _latency_real_cells("latency_real_avx2")
+    if cells is None:
+        return NOT_MEASURED
+    lines = ["| model | threads | reparq `minmax` | recommended | recommended, `consumer_fold=norms` | "
+             "`minmax`, `w_bits=7` | portable QDQ | ORT `quantize_static` (reduce_range) | "
+             "reparq / ORT int8 time (minmax, recommended, w7) | cos vs FP32 (minmax / recommended / w7 / ORT) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, threads), by in cells.items():
+        mm, rec, w7, ort = (by.get(k) for k in ("minmax", "recommended", "w7", "ort"))
+        rec_cell = "-" if rec is None else f"{rec['ratio']:.2f} (`{rec['recipe']}`)"
+        vs_ort = " / ".join(_ratio(r, "vs_ort") for r in (mm, rec, w7))
+        cosines = " / ".join(_ratio(r, "fp_cosine", 4) for r in (mm, rec, w7, ort))
+        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {rec_cell} | {_ratio(by.get('norms'))} | {_ratio(w7)} | "
+                     f"{_ratio(by.get('portable'))} | {_ratio(ort)} | {vs_ort} | {cosines} |")
     return "\n".join(lines)
 
 
@@ -268,6 +306,7 @@ TABLES = {
     "real": real_table,
     "latency": latency_table,
     "latency_real": latency_real_table,
+    "latency_real_avx2": latency_real_avx2_table,
     "scale": scale_table,
     "peers": peers_table,
 }
