@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = ("OMP_NUM_THREADS=2 python benchmarks/consumer_fold_minilm.py " + " ".join(given)).strip()
+    code = source_version()  # the source this process imported, read before anything can edit it
     task = MiniLMTask(1024, 512)
     calib = task.calibration(args.seed)
     rows, sections = [], []
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             per_sentence[label] = torch.tensor(items["cosine"], dtype=torch.float64)
             for row in measured:
                 rows.append({"model": "minilm", "method": f"repquant, consumer_fold={label}", "bits": str(bits),
-                             "w_bits": bits.w, "a_bits": bits.a, "metric": row["metric"], "value": round(row["quant"], 5), "fp": row["fp"],
+                             "w_bits": bits.w, "a_bits": bits.a, "metric": row["metric"],
+                             "value": round(row["quant"], 5), "fp": row["fp"],
                              "quant": row["quant"], "delta": row["delta"], "calib_seconds": round(seconds, 1),
-                             "seed": args.seed, "code": source_version()})
+                             "seed": args.seed, "code": code})
             print(text, label, measured[0]["quant"], measured[1]["quant"], round(seconds), flush=True)
         a, b = per_sentence.values()
         sign = paired_sign_test(a, b)

@@ -164,6 +164,11 @@ def _ratio(row: dict | None, key: str = "ratio", digits: int = 2) -> str:
     return "-" if row is None or row.get(key) is None else f"{row[key]:.{digits}f}"
 
 
+def _recommended_cell(row: dict | None) -> str:
+    """The recommended recipe's int8/FP32, named, since the recipe differs by family."""
+    return "-" if row is None else f"{row['ratio']:.2f} (`{row['recipe']}`)"
+
+
 def latency_real_table() -> str:
     """Batch 32, both thread counts: reparq's two exports and ORT's own int8 graph against ORT FP32."""
     cells = _latency_real_cells("latency_real")
@@ -175,12 +180,12 @@ def latency_real_table() -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, threads), by in cells.items():
         mm, rec, ort, portable = by.get("minmax"), by.get("recommended"), by.get("ort"), by.get("portable")
-        rec_cell = "-" if rec is None else f"{rec['ratio']:.2f} (`{rec['recipe']}`)"
         vs_ort = " / ".join(_ratio(r, "vs_ort") for r in (mm, rec))
         kernels = (mm or {}).get("int8_kernels", "-")
         if rec is not None and rec.get("int8_kernels") != kernels:  # a recipe that changes the deployed graph
             kernels += f"; `{rec['recipe']}`: {rec.get('int8_kernels', '-')}"
-        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {rec_cell} | {_ratio(portable)} | {_ratio(ort)} | "
+        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {_recommended_cell(rec)} | {_ratio(portable)} | "
+                     f"{_ratio(ort)} | "
                      f"{vs_ort} | {(mm or {}).get('target', '-')} | "
                      f"{kernels} | {(mm or {}).get('float_ops', '-')} | "
                      f"{(mm or {}).get('int8_isa', '-')} |")
@@ -200,10 +205,10 @@ def latency_real_avx2_table() -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, threads), by in cells.items():
         mm, rec, w7, ort = (by.get(k) for k in ("minmax", "recommended", "w7", "ort"))
-        rec_cell = "-" if rec is None else f"{rec['ratio']:.2f} (`{rec['recipe']}`)"
         vs_ort = " / ".join(_ratio(r, "vs_ort") for r in (mm, rec, w7))
         cosines = " / ".join(_ratio(r, "fp_cosine", 4) for r in (mm, rec, w7, ort))
-        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {rec_cell} | {_ratio(by.get('norms'))} | {_ratio(w7)} | "
+        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {_recommended_cell(rec)} | {_ratio(by.get('norms'))} | "
+                     f"{_ratio(w7)} | "
                      f"{_ratio(by.get('portable'))} | {_ratio(ort)} | {vs_ort} | {cosines} |")
     return "\n".join(lines)
 
