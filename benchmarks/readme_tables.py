@@ -169,23 +169,25 @@ def _recommended_cell(row: dict | None) -> str:
     return "-" if row is None else f"{row['ratio']:.2f} (`{row['recipe']}`)"
 
 
-def latency_real_table() -> str:
-    """Batch 32, both thread counts: reparq's two exports and ORT's own int8 graph against ORT FP32."""
-    cells = _latency_real_cells("latency_real")
+def latency_real_table(name: str = "latency_real") -> str:
+    """Batch 32, both thread counts: reparq's two exports and ORT's own int8 graph against ORT FP32,
+    on a CPU with int8 dot products (VNNI or AMX): one results file per such CPU kind."""
+    cells = _latency_real_cells(name)
     if cells is None:
         return NOT_MEASURED
-    lines = ["| model | threads | reparq `minmax` int8/FP32 | reparq recommended | reparq `minmax`, portable QDQ | "
+    lines = ["| model | threads | reparq `minmax` int8/FP32 | reparq recommended | recommended, `consumer_fold=norms` | "
+             "reparq `minmax`, portable QDQ | "
              "ORT `quantize_static` | reparq / ORT int8 time (minmax, recommended) | target | int8 kernels (reparq) | "
              "float ops | CPU int8 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, threads), by in cells.items():
         mm, rec, ort, portable = by.get("minmax"), by.get("recommended"), by.get("ort"), by.get("portable")
         vs_ort = " / ".join(_ratio(r, "vs_ort") for r in (mm, rec))
         kernels = (mm or {}).get("int8_kernels", "-")
         if rec is not None and rec.get("int8_kernels") != kernels:  # a recipe that changes the deployed graph
             kernels += f"; `{rec['recipe']}`: {rec.get('int8_kernels', '-')}"
-        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {_recommended_cell(rec)} | {_ratio(portable)} | "
-                     f"{_ratio(ort)} | "
+        lines.append(f"| {model} | {threads} | {_ratio(mm)} | {_recommended_cell(rec)} | {_ratio(by.get('norms'))} | "
+                     f"{_ratio(portable)} | {_ratio(ort)} | "
                      f"{vs_ort} | {(mm or {}).get('target', '-')} | "
                      f"{kernels} | {(mm or {}).get('float_ops', '-')} | "
                      f"{(mm or {}).get('int8_isa', '-')} |")
@@ -311,6 +313,7 @@ TABLES = {
     "real": real_table,
     "latency": latency_table,
     "latency_real": latency_real_table,
+    "latency_real_vnni": lambda: latency_real_table("latency_real_vnni"),
     "latency_real_avx2": latency_real_avx2_table,
     "scale": scale_table,
     "peers": peers_table,
