@@ -30,13 +30,24 @@ def delta(out: str, preset: str) -> float:
     return float(re.search(rf"{preset}: .*?\(([+-][\d.]+)\)", out).group(1))
 
 
+def close_to_float(points: float) -> bool:
+    """W8A8 within reach of float on the examples' 1000 test images: at most 1.5 points lost.
+
+    Gains are allowed more room (3 points): the examples train for seconds, and the float model
+    they train differs with the CPU's float kernels (an AVX512 EPYC trained own_rep_model.py's net
+    to 64.3%, on which W8A8 scored +1.8); on such a net and 1000 images, a quantized model that
+    flips a few dozen near-tied predictions the right way is noise, not a fault.
+    """
+    return -1.5 < points < 3.0
+
+
 @needs_data
 def test_timm_model_example():
     out = run_example("timm_model.py")
     fp = float(re.search(r"FP: ([\d.]+)%", out).group(1))
     assert fp > 60  # briefly trained, but a real classifier
     assert "w8a8-fast: recipe mse W8A8" in out and "w6a6-fast: recipe mse W6A6" in out  # the "cnn" family
-    assert abs(delta(out, "w8a8-fast")) < 1.5 and delta(out, "w6a6-fast") > -5
+    assert close_to_float(delta(out, "w8a8-fast")) and delta(out, "w6a6-fast") > -5
 
 
 @needs_data
@@ -44,7 +55,7 @@ def test_own_rep_model_example():
     out = run_example("own_rep_model.py")
     merged, err = re.search(r"merged (\d+) blocks; max \|trained - merged\| = ([\d.e+-]+)", out).groups()
     assert int(merged) == 4 and float(err) < 1e-4
-    assert "w8a8-fast: recipe mse W8A8" in out and abs(delta(out, "w8a8-fast")) < 1.5
+    assert "w8a8-fast: recipe mse W8A8" in out and close_to_float(delta(out, "w8a8-fast"))
     assert "w4a4-fast: recipe repapq W4A4" in out  # the registered merger makes it a "rep" model
 
 
